@@ -1,0 +1,141 @@
+"""EVA vision encoder (timm): raw block output for Emu (EVA-01-CLIP-g) and Emu2 (EVA-02-CLIP-E-plus).
+
+Follows spec §1 / §8: the feature is the raw output of one transformer block (the last by default),
+with no final norm, no pooling and no head. Emu1 keeps the CLS token (257 tokens at 224 px); Emu2
+drops it (1024 tokens at 448 px) before mean pooling.
+
+Contract: pixels (B,3,H,W), CLIP-normalised -> (B,L,D_enc), L = grid**2 (+1 when the CLS is kept).
+Unused trailing blocks, the final norm and the head are pruned so every parameter gets a gradient.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models.eva import checkpoint_filter_fn
+from torch import Tensor, nn
+
+# Checkpoint keys for parts the encoder never uses (final norm, pooling norm, CLIP head): skipped on load.
+_UNUSED_PREFIXES = ("norm.", "fc_norm.", "head.", "attn_pool.")
+
+
+def load_state_dict_file(path: str) -> dict[str, Tensor]:
+    """Read a .safetensors or torch (.pt/.bin/.pth) state dict from a local file, on CPU."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(file), device="cpu")
+    return torch.load(str(file), map_location="cpu", weights_only=True)
+
+
+class EVAEncoder(nn.Module):
+    """timm EVA / EVA-02 trunk that returns one block's raw tokens.
+
+    Args:
+        model_name: timm EVA architecture name (e.g. `eva_giant_patch14_clip_224`).
+        img_size: Input resolution in pixels (square).
+        patch_size: Override of the architecture's patch size; None keeps it.
+        depth: Override of the number of blocks; None keeps it.
+        embed_dim: Override of the width D_enc; None keeps it.
+        num_heads: Override of the number of attention heads; None keeps it.
+        layer: Which block's output to return, Python-style index (-1 last, -2 penultimate).
+        drop_cls: Drop the prefix (CLS) token(s) from the output (Emu2) or keep them (Emu1).
+        checkpoint_path: Local timm- or open_clip-format state dict (.safetensors / .pt / .bin); None = random.
+        frozen: Freeze at construction (no grads, stays in eval mode).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "eva02_tiny_patch14_224",
+        img_size: int = 224,
+        patch_size: int | None = None,
+        depth: int | None = None,
+        embed_dim: int | None = None,
+        num_heads: int | None = None,
+        layer: int = -1,
+        drop_cls: bool = False,
+        checkpoint_path: str | None = None,
+        frozen: bool = False,
+    ) -> None:
+        super().__init__()
+        overrides: dict[str, Any] = {"img_size": img_size, "num_classes": 0}
+        for key, value in (("patch_size", patch_size), ("depth", depth),
+                           ("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if value is not None:
+                overrides[key] = value
+        trunk = timm.create_model(model_name, pretrained=False, **overrides)
+        n_blocks = len(trunk.blocks)
+        if not -n_blocks <= layer < n_blocks:
+            raise ValueError(f"layer {layer} out of range for {model_name} with {n_blocks} blocks")
+        self.block_index = layer % n_blocks
+        if checkpoint_path is not None:
+            self._load(trunk, checkpoint_path)
+        # Keep blocks[:block_index+1]; final norm and head are unused (spec §8: raw block output).
+        trunk.prune_intermediate_layers([self.block_index], prune_norm=True, prune_head=True)
+        self.trunk = trunk
+        self.drop_cls = drop_cls
+        self.embed_dim: int = trunk.embed_dim
+        self.grid: int = trunk.patch_embed.grid_size[0]
+        self.num_prefix_tokens: int = trunk.num_prefix_tokens
+        self.num_tokens: int = self.grid**2 + (0 if drop_cls else self.num_prefix_tokens)
+        self.block_cls: type[nn.Module] = type(trunk.blocks[0])
+        self.frozen = False
+        if frozen:
+            self.freeze()
+
+    @staticmethod
+    def _load(trunk: nn.Module, path: str) -> None:
+        """Strictly load a local checkpoint (open_clip `visual.*` keys are converted by timm's filter)."""
+        raw = load_state_dict_file(path)
+        state = checkpoint_filter_fn(raw, trunk)
+        state = {k: v for k, v in state.items() if not k.startswith(_UNUSED_PREFIXES)}
+        expected = {k for k in trunk.state_dict() if not k.startswith(_UNUSED_PREFIXES)}
+        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {path} does not match {type(trunk).__name__}: "
+                               f"missing keys {missing[:20]} ({len(missing)}), "
+                               f"unexpected keys {unexpected[:20]} ({len(unexpected)})")
+        trunk.load_state_dict(state, strict=False)  # strictness checked above, modulo unused parts
+
+    def freeze(self) -> None:
+        """Stop gradients and pin eval mode (dropout / drop-path off) for the rest of training."""
+        self.frozen = True
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> EVAEncoder:
+        return super().train(mode and not self.frozen)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """(B,3,H,W) -> (B,L,D_enc) raw tokens of block `layer`, CLS first when kept."""
+        (patches, prefix), = self.trunk.forward_intermediates(
+            pixels, indices=[self.block_index], norm=False, stop_early=True, output_fmt="NLC",
+            intermediates_only=True, return_prefix_tokens=True)
+        # patches (B,grid²,D_enc) row-major; prefix (B,num_prefix,D_enc)
+        if self.drop_cls or self.num_prefix_tokens == 0:
+            return patches
+        return torch.cat([prefix, patches], dim=1)  # (B,1+grid²,D_enc)
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> EVAEncoder:
+        """Test-size EVA-02: 64 px, patch 8 (8×8 grid), 2 blocks, width 64, 2 heads."""
+        args: dict[str, Any] = dict(model_name="eva02_tiny_patch14_224", img_size=64, patch_size=8,
+                                    depth=2, embed_dim=64, num_heads=2)
+        return cls(**{**args, **overrides})
+
+    @classmethod
+    def eva01_clip_g(cls, **overrides: Any) -> EVAEncoder:
+        """Emu1: EVA-01-CLIP-g/14 at 224 px, 40 blocks, D 1408, CLS kept (257 tokens)."""
+        args: dict[str, Any] = dict(model_name="eva_giant_patch14_clip_224", img_size=224, drop_cls=False)
+        return cls(**{**args, **overrides})
+
+    @classmethod
+    def eva02_clip_e_plus(cls, **overrides: Any) -> EVAEncoder:
+        """Emu2: EVA-02-CLIP-E-plus/14 at 448 px, 64 post-norm blocks, D 1792, CLS dropped (1024 tokens)."""
+        args: dict[str, Any] = dict(model_name="eva02_enormous_patch14_clip_224", img_size=448, drop_cls=True)
+        return cls(**{**args, **overrides})

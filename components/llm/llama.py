@@ -1,0 +1,145 @@
+"""LLaMA language model (transformers `LlamaForCausalLM`) behind the `CausalLM` protocol.
+
+Follows spec §1: LLaMA-13B for Emu1 and LLaMA-33B for Emu2, with the multimodal specials appended to
+the vocabulary (new rows = mean of the old rows, spec §2). Built from a config, or loaded from a local
+Hugging Face directory. `forward` returns the last hidden state **after** the final RMSNorm, which is
+what the regression head reads (spec §8).
+
+Contract: embeds (B,T,D_llm), mask (B,T_past+T) 1 = token / 0 = pad -> hidden (B,T,D_llm), cache.
+Position ids come from the mask (cumsum - 1) exactly as HF `generate` builds them, so a training forward
+and generation see identical inputs (RoPE makes a constant left-padding shift irrelevant anyway).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+ATTN_IMPLEMENTATION = "sdpa"  # works on CPU and GPU in transformers 5; flash-attn is not a dependency
+
+
+class LlamaLM(nn.Module):
+    """LLaMA decoder with separate embed / forward / logits steps for multimodal inputs.
+
+    Args:
+        hidden_size: Model width D_llm.
+        num_layers: Number of decoder layers.
+        num_heads: Attention heads.
+        num_kv_heads: Key/value heads (GQA); None = num_heads (LLaMA-1).
+        intermediate_size: SwiGLU hidden width.
+        vocab_size: Vocabulary size V at construction (resize later with `resize_vocab`).
+        max_position_embeddings: Longest sequence (LLaMA-1: 2048).
+        pretrained_path: Local Hugging Face model directory; when given, the shape arguments are ignored.
+        gradient_checkpointing: Recompute decoder layers in the backward pass.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 256,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        num_kv_heads: int | None = None,
+        intermediate_size: int = 688,
+        vocab_size: int = 512,
+        max_position_embeddings: int = 2048,
+        pretrained_path: str | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if pretrained_path is not None:
+            if not (Path(pretrained_path) / "config.json").is_file():
+                raise FileNotFoundError(f"no Hugging Face model (config.json) in pretrained_path={pretrained_path}")
+            self.model = LlamaForCausalLM.from_pretrained(
+                pretrained_path, local_files_only=True, attn_implementation=ATTN_IMPLEMENTATION)
+        else:
+            config = LlamaConfig(
+                hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                num_key_value_heads=num_kv_heads or num_heads, intermediate_size=intermediate_size,
+                vocab_size=vocab_size, max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6,
+                tie_word_embeddings=False, attn_implementation=ATTN_IMPLEMENTATION,
+                bos_token_id=None, eos_token_id=None, pad_token_id=None)
+            self.model = LlamaForCausalLM(config)
+        if gradient_checkpointing:
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.hidden_dim: int = self.model.config.hidden_size
+        self.block_cls: type[nn.Module] = LlamaDecoderLayer
+
+    @property
+    def vocab_size(self) -> int:
+        """Current number of embedding rows V."""
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """(B,T) -> (B,T,D_llm)."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def new_cache(self) -> DynamicCache:
+        """An empty KV cache; pass it to `forward` to start incremental decoding."""
+        return DynamicCache(config=self.model.config)
+
+    def forward(self, embeds: Tensor, mask: Tensor, cache: Any | None = None) -> tuple[Tensor, Any]:
+        """Run the decoder; with a cache, `mask` covers past and new tokens (B,T_past+T).
+
+        Returns the final-norm hidden state (B,T,D_llm) and the updated cache (None when none given).
+        """
+        T = embeds.shape[1]
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]   # (B,T): left padding keeps 0..n-1
+        out = self.model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                               past_key_values=cache, use_cache=cache is not None)
+        return out.last_hidden_state, out.past_key_values
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(B,T,D_llm) -> (B,T,V)."""
+        return self.model.lm_head(hidden)
+
+    @torch.no_grad()
+    def resize_vocab(self, size: int) -> None:
+        """Resize embeddings and lm_head to `size` rows; added rows are the exact mean of the old rows.
+
+        transformers' own `mean_resizing=True` samples from N(mean, 1e-9·cov) with the global RNG; we
+        write the mean itself so resizing is deterministic and draws no random numbers that matter.
+        """
+        old = self.vocab_size
+        emb_mean = self.model.get_input_embeddings().weight[:old].mean(0)   # (D_llm,)
+        head_mean = self.model.lm_head.weight[:old].mean(0)                 # (D_llm,)
+        self.model.resize_token_embeddings(size, mean_resizing=False)
+        if size > old:
+            self.model.get_input_embeddings().weight[old:] = emb_mean
+            self.model.lm_head.weight[old:] = head_mean
+
+    @torch.no_grad()
+    def generate(self, embeds: Tensor, mask: Tensor, max_new_tokens: int = 20, num_beams: int = 1,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None, **kwargs: Any) -> Tensor:
+        """Decode from prompt embeddings (B,T,D_llm), mask (B,T) -> new ids (B,T_new).
+
+        Greedy when num_beams == 1, beam search otherwise; extra kwargs go to HF `generate`.
+        """
+        return self.model.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+            do_sample=kwargs.pop("do_sample", False), eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id, **kwargs)
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> LlamaLM:
+        """Test size: D 64, 2 layers, 2 heads, FFN 128, vocab 128."""
+        args: dict[str, Any] = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
+                                    vocab_size=128, max_position_embeddings=256)
+        return cls(**{**args, **overrides})
+
+    @classmethod
+    def llama_13b(cls, **overrides: Any) -> LlamaLM:
+        """Emu1 LLM: LLaMA-13B (D 5120, 40 layers, 40 heads, FFN 13824, vocab 32000, 2048 positions)."""
+        args: dict[str, Any] = dict(hidden_size=5120, num_layers=40, num_heads=40, intermediate_size=13824,
+                                    vocab_size=32000, max_position_embeddings=2048)
+        return cls(**{**args, **overrides})
+
+    @classmethod
+    def llama_33b(cls, **overrides: Any) -> LlamaLM:
+        """Emu2 LLM: LLaMA-33B (D 6656, 60 layers, 52 heads, FFN 17920, vocab 32000, 2048 positions)."""
+        args: dict[str, Any] = dict(hidden_size=6656, num_layers=60, num_heads=52, intermediate_size=17920,
+                                    vocab_size=32000, max_position_embeddings=2048)
+        return cls(**{**args, **overrides})

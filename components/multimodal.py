@@ -1,0 +1,46 @@
+"""Multimodal seam: write adapter outputs into the LLM input embeddings at `<image>` positions.
+
+Follows the Emu release (spec §1 "Injection"): the rows of the text embedding where
+`input_ids == image_token_id` are overwritten, in reading order, by the visual tokens of each image.
+Mismatches raise with counts instead of silently truncating or padding (spec §1, assumption A).
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def count_image_runs(input_ids: Tensor, image_token_id: int) -> int:
+    """Number of contiguous `<image>` blocks over the batch (a run never spans two rows)."""
+    is_img = input_ids == image_token_id                          # (B,T)
+    starts = is_img.clone()
+    starts[:, 1:] &= ~is_img[:, :-1]                               # True at the first token of each run
+    return int(starts.sum())
+
+
+def scatter_visual(embeds: Tensor, input_ids: Tensor, visual: Tensor, image_token_id: int) -> Tensor:
+    """Return `embeds` with `<image>` rows replaced by `visual`, image by image, token by token.
+
+    Args:
+        embeds: (B,T,D) text embeddings.
+        input_ids: (B,T) ids; positions equal to `image_token_id` receive visual tokens.
+        visual: (n_images,N,D) adapter outputs, in the order the runs appear (row-major over B,T).
+        image_token_id: id of the `<image>` placeholder.
+
+    Raises:
+        ValueError: if the `<image>` position count != n_images*N, or the run count != n_images.
+    """
+    if visual.dim() != 3 or visual.shape[-1] != embeds.shape[-1]:
+        raise ValueError(f"visual must be (n_images,N,{embeds.shape[-1]}), got {tuple(visual.shape)}")
+    n_images, n_tokens, _ = visual.shape
+    mask = input_ids == image_token_id                             # (B,T)
+    n_positions = int(mask.sum())
+    if n_positions != n_images * n_tokens:
+        raise ValueError(f"{n_positions} <image> positions in batch but {n_images} images × "
+                         f"{n_tokens} tokens = {n_images * n_tokens} visual tokens given")
+    n_runs = count_image_runs(input_ids, image_token_id)
+    if n_runs != n_images:
+        raise ValueError(f"{n_runs} <image> runs in batch but {n_images} images given")
+    # masked_scatter fills True positions in row-major order from the flattened source, out of place,
+    # so gradients reach both `embeds` (unmasked rows) and `visual`.
+    source = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)  # (n_images*N,D)
+    return embeds.masked_scatter(mask.unsqueeze(-1), source)       # (B,T,D)

@@ -1,0 +1,27 @@
+"""EmuCLI: `main.py fit|validate|test|predict --config recipe.yaml`, LightningCLI with Emu's links.
+
+The model owns the tokenizer and N (visual tokens per image); both are linked into the datamodule, so
+swapping the adapter is one `class_path` line and the collate always agrees with it.
+"""
+from __future__ import annotations
+
+import os
+
+from lightning.pytorch.cli import LightningCLI
+
+from emu_lightning.systems.base import EmuSystem
+
+
+class EmuCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model", "data.init_args.tokenizer", compute_fn=lambda m: m.tokenizer,
+                              apply_on="instantiate")
+        parser.link_arguments("model", "data.init_args.num_image_tokens",
+                              compute_fn=lambda m: m.num_image_tokens, apply_on="instantiate")
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> EmuCLI:
+    # Nothing is ever fetched from a hub: weights and tokenizers come from local paths in the recipe.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return EmuCLI(EmuSystem, subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
+                  save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf"})

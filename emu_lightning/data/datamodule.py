@@ -1,0 +1,129 @@
+"""One datamodule for stage-1 image-text data: synthetic scenes by default, COCO JSON or tar shards by recipe.
+
+Datasets are injected by `class_path` (any map-style or iterable dataset yielding
+`{"id", "image": PIL, "captions": [str, ...]}`), so a real source is a recipe change, not a code change.
+The tokenizer and N (`<image>` tokens per image) come from the model: the CLI links them.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torchvision.transforms import v2 as T
+import torch
+
+from emu_lightning.data.collate import CaptionCollator
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # EMU_SPEC §1 preprocessing
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_transform(size: int) -> T.Compose:
+    """Resize (bicubic) → [0,1] → CLIP normalisation: PIL → (3,size,size) float."""
+    return T.Compose([T.ToImage(), T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC,
+                                            antialias=True),
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def _prepare(sample: dict, transform: T.Compose, seed: int, train: bool) -> dict:
+    caps = sample["captions"]
+    if not caps:
+        raise ValueError(f"sample {sample.get('id')!r}: empty 'captions' list")
+    # The training caption is a deterministic draw among the references (seeded by sample id):
+    # every reference gets trained on, and a resumed run sees the same text for the same sample.
+    pick = random.Random(f"{seed}-{sample['id']}").randrange(len(caps)) if train else 0
+    return {**sample, "image": transform(sample["image"]), "caption": caps[pick]}
+
+
+class _Mapped(Dataset):
+    def __init__(self, ds: Dataset, transform: T.Compose, seed: int, train: bool):
+        self.ds, self.transform, self.seed, self.train = ds, transform, seed, train
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return _prepare(self.ds[i], self.transform, self.seed, self.train)
+
+
+class _Streamed(IterableDataset):
+    def __init__(self, ds: IterableDataset, transform: T.Compose, seed: int, train: bool):
+        self.ds, self.transform, self.seed, self.train = ds, transform, seed, train
+
+    def __iter__(self) -> Iterator[dict]:
+        for s in self.ds:
+            yield _prepare(s, self.transform, self.seed, self.train)
+
+
+class CaptionDataModule(L.LightningDataModule):
+    """Image-caption batches for stage 1.
+
+    Args:
+        train: training dataset; None = synthetic scenes (`SyntheticCaptions(split="train")`).
+        val: named evaluation sets, each logged under its own name; None = synthetic `val` and `heldout`
+            (color-shape pairs never seen in training).
+        test: named test sets; None = synthetic `test` and `heldout`.
+        image_size: side the images are resized to (encoder input).
+        batch_size: training batch size per device.
+        eval_batch_size: batch size for validation / test / predict.
+        num_workers: DataLoader workers.
+        max_length: longest sequence in tokens (image block included); longer captions are truncated and counted.
+        seed: seed of the caption draw.
+        tokenizer: linked from `model.tokenizer` by the CLI.
+        num_image_tokens: linked from `model.adapter.num_tokens` by the CLI.
+    """
+
+    def __init__(self, train: Dataset | None = None, val: dict[str, Dataset] | None = None,
+                 test: dict[str, Dataset] | None = None, image_size: int = 64, batch_size: int = 32,
+                 eval_batch_size: int = 64, num_workers: int = 0, max_length: int = 64, seed: int = 0,
+                 tokenizer: Any = None, num_image_tokens: int = 32):
+        super().__init__()
+        from emu_lightning.data.synthetic import SyntheticCaptions
+
+        self.train_set = train if train is not None else SyntheticCaptions(split="train", image_size=image_size)
+        self.val_sets = val if val is not None else {
+            "val": SyntheticCaptions(split="val", size=256, image_size=image_size),
+            "heldout": SyntheticCaptions(split="heldout", size=256, image_size=image_size)}
+        self.test_sets = test if test is not None else {
+            "test": SyntheticCaptions(split="test", size=512, image_size=image_size),
+            "heldout": SyntheticCaptions(split="heldout", size=512, image_size=image_size)}
+        self.transform = image_transform(image_size)
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.max_length, self.seed = max_length, seed
+        self.tokenizer, self.num_image_tokens = tokenizer, num_image_tokens
+
+    @property
+    def val_names(self) -> list[str]:
+        return list(self.val_sets)
+
+    @property
+    def test_names(self) -> list[str]:
+        return list(self.test_sets)
+
+    def _collate(self) -> CaptionCollator:
+        if self.tokenizer is None:
+            raise ValueError("CaptionDataModule.tokenizer is None: the CLI links it from the model; "
+                             "set it when using the datamodule directly")
+        return CaptionCollator(self.tokenizer, self.num_image_tokens, self.max_length)
+
+    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        wrap = _Streamed if isinstance(ds, IterableDataset) else _Mapped
+        shuffle = train and not isinstance(ds, IterableDataset)
+        return DataLoader(wrap(ds, self.transform, self.seed, train),
+                          batch_size=self.batch_size if train else self.eval_batch_size,
+                          shuffle=shuffle, drop_last=train, num_workers=self.num_workers,
+                          collate_fn=self._collate(), persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(ds, train=False) for ds in self.val_sets.values()]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(ds, train=False) for ds in self.test_sets.values()]
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self.test_dataloader()

@@ -1,0 +1,215 @@
+"""Real image-text data from local paths: COCO-captions JSON and webdataset/LAION tar shards.
+
+Both yield the same sample dict as ``SyntheticCaptions`` minus ``scene``:
+``{"id": str, "image": PIL RGB, "captions": list[str]}``, so collate and evaluation code
+cannot tell them apart. Tar shards are read with the stdlib ``tarfile`` (no webdataset
+dependency); a bad stream sample is skipped *and counted*, and too many bad samples abort.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def _load_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+class CocoCaptions(Dataset):
+    """COCO-captions JSON (``images: [{id, file_name}]``, ``annotations: [{image_id, caption}]``).
+
+    One item per image, in ``images`` order, with all its captions. The JSON is validated up
+    front (missing field -> ValueError naming file, field and entry index). Image files are
+    checked up front too when ``check_files`` (the default: fail before training, not hours in);
+    either way a missing image raises FileNotFoundError naming it and the annotation file.
+    """
+
+    def __init__(self, annotations: str, image_dir: str, check_files: bool = True) -> None:
+        """Args:
+        annotations: path of the COCO-captions JSON.
+        image_dir: folder holding each ``file_name``.
+        check_files: stat every image at construction (one ``exists`` per image).
+        """
+        self.annotations, self.image_dir = Path(annotations), Path(image_dir)
+        if not self.annotations.is_file():
+            raise FileNotFoundError(f"COCO annotation file not found: {self.annotations}")
+        with open(self.annotations) as f:
+            data = json.load(f)
+        images = self._field(data, "images", "top level")
+        anns = self._field(data, "annotations", "top level")
+        captions: dict[int, list[str]] = {}
+        for i, ann in enumerate(anns):
+            image_id = self._field(ann, "image_id", f"annotations[{i}]")
+            caption = str(self._field(ann, "caption", f"annotations[{i}]")).strip()
+            captions.setdefault(image_id, []).append(caption)
+        self.items: list[tuple[str, str, list[str]]] = []
+        for i, img in enumerate(images):
+            image_id = self._field(img, "id", f"images[{i}]")
+            file_name = self._field(img, "file_name", f"images[{i}]")
+            if image_id not in captions:
+                raise ValueError(
+                    f"{self.annotations}: images[{i}] (id {image_id}, {file_name}) has no caption"
+                )
+            self.items.append((str(image_id), file_name, captions.pop(image_id)))
+        if captions:
+            orphan = next(iter(captions))
+            raise ValueError(
+                f"{self.annotations}: {len(captions)} caption group(s) with unknown image_id, e.g. {orphan}"
+            )
+        if check_files:
+            for _, file_name, _ in self.items:
+                self._path(file_name)
+
+    def _field(self, entry: dict, name: str, where: str):
+        if not isinstance(entry, dict) or name not in entry:
+            raise ValueError(f"{self.annotations}: {where} lacks required field {name!r}")
+        return entry[name]
+
+    def _path(self, file_name: str) -> Path:
+        path = self.image_dir / file_name
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} listed in {self.annotations} does not exist")
+        return path
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id, file_name, captions = self.items[index]
+        return {"id": image_id, "image": _load_rgb(self._path(file_name)), "captions": list(captions)}
+
+
+def expand_urls(urls: str | list[str]) -> list[str]:
+    """Expand ``shard-{000..003}.tar`` brace ranges (zero padding kept); lists are concatenated."""
+    if isinstance(urls, (list, tuple)):
+        return [u for url in urls for u in expand_urls(url)]
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", urls)
+    if m is None:
+        return [urls]
+    lo, hi = m.group(1), m.group(2)
+    if int(hi) < int(lo):
+        raise ValueError(f"shard pattern {urls!r}: range end {hi} < start {lo}")
+    width = len(lo) if lo.startswith("0") else 0
+    return [u for k in range(int(lo), int(hi) + 1)
+            for u in expand_urls(urls[: m.start()] + str(k).zfill(width) + urls[m.end():])]  # fmt: skip
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """webdataset convention: key = path up to the first dot of the basename; ext = the rest."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+class WebDatasetPairs(IterableDataset):
+    """Image-text pairs from local webdataset tar shards (``KEY.jpg`` + ``KEY.txt``/``KEY.json``).
+
+    Shards are dealt round-robin to (rank, worker) so each sample is read once per epoch.
+    Skipped samples are counted in ``self.stats`` (``seen``, ``ok``, ``skipped/<reason>``) and
+    warned about by key. Stats are per process: with DataLoader workers each worker holds its
+    own copy and checks its own bad fraction. ``stats`` resets at each ``__iter__``.
+    """
+
+    def __init__(
+        self, urls: str | list[str], max_bad_fraction: float = 0.1, min_samples_for_check: int = 20
+    ) -> None:
+        """Args:
+        urls: shard path, brace pattern (``shard-{000..003}.tar``) or list of them.
+        max_bad_fraction: abort once skipped / seen exceeds this (after ``min_samples_for_check``).
+        min_samples_for_check: samples seen before the bad fraction is enforced.
+        """
+        self.shards = expand_urls(urls)
+        if not self.shards:
+            raise ValueError(f"WebDatasetPairs: no shards in {urls!r}")
+        missing = [s for s in self.shards if not Path(s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"WebDatasetPairs: {len(missing)} shard(s) missing, first: {missing[0]}")
+        if not 0.0 <= max_bad_fraction < 1.0:
+            raise ValueError(f"max_bad_fraction={max_bad_fraction}; expected in [0, 1)")
+        self.max_bad_fraction, self.min_samples_for_check = max_bad_fraction, min_samples_for_check
+        self.stats: Counter = Counter()
+
+    def my_shards(self) -> list[str]:
+        """This (rank, worker)'s shards: every ``total``-th from its global worker index."""
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        info = get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
+        total = world * nworkers
+        if total > len(self.shards):
+            warnings.warn(f"WebDatasetPairs: {len(self.shards)} shards < {total} readers (rank x worker)")
+        return self.shards[rank * nworkers + wid :: total]
+
+    def __iter__(self) -> Iterator[dict]:
+        self.stats = Counter()
+        for shard in self.my_shards():
+            for key, files in self._groups(shard):
+                sample = self._decode(shard, key, files)
+                if sample is not None:
+                    yield sample
+        if self.stats["seen"] and not self.stats["ok"]:
+            n_seen = self.stats["seen"]
+            raise RuntimeError(f"WebDatasetPairs: all {n_seen} samples skipped; {dict(self.stats)}")
+
+    def _groups(self, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """Consecutive tar members sharing a key, as ``(key, {ext: bytes})``."""
+        key, files = None, {}
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, ext = _split_key(member.name)
+                if k != key and key is not None:
+                    yield key, files
+                    files = {}
+                key = k
+                files[ext] = tar.extractfile(member).read()
+        if key is not None:
+            yield key, files
+
+    def _skip(self, shard: str, key: str, reason: str) -> None:
+        self.stats[f"skipped/{reason}"] += 1
+        warnings.warn(f"{shard}: skipped sample {key!r} ({reason})")
+        skipped = self.stats["seen"] - self.stats["ok"]
+        fraction = skipped / self.stats["seen"]
+        if self.stats["seen"] >= self.min_samples_for_check and fraction > self.max_bad_fraction:
+            raise RuntimeError(
+                f"{shard}: {skipped} of {self.stats['seen']} samples skipped ({fraction:.1%} > "
+                f"max_bad_fraction {self.max_bad_fraction:.1%}): {dict(self.stats)}"
+            )
+
+    def _decode(self, shard: str, key: str, files: dict[str, bytes]) -> dict | None:
+        self.stats["seen"] += 1
+        image_ext = next((e for e in IMAGE_EXTS if e in files), None)
+        if image_ext is None:
+            return self._skip(shard, key, "missing_image")
+        try:  # a .txt wins over a .json caption
+            text = files["txt"].decode("utf-8").strip() if "txt" in files else None
+            if text is None and "json" in files:
+                text = json.loads(files["json"]).get("caption")
+        except (ValueError, AttributeError):  # UnicodeDecodeError / JSONDecodeError / non-dict JSON
+            return self._skip(shard, key, "bad_text")
+        if not text:
+            return self._skip(shard, key, "missing_text")
+        try:
+            with Image.open(io.BytesIO(files[image_ext])) as im:
+                image = im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return self._skip(shard, key, "bad_image")
+        self.stats["ok"] += 1
+        return {"id": key, "image": image, "captions": [str(text).strip()]}

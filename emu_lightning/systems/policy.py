@@ -1,0 +1,53 @@
+"""StagePolicy: what a stage trains and at which learning rate (EMU_SPEC §3), stated once in the recipe.
+
+Freezing, optimizer parameter groups and the trainable-parameter audit all read this one object.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass
+class StagePolicy:
+    """Per-stage training policy.
+
+    Args:
+        trainable: names of the system's parts that train; every other part is frozen.
+        lr: peak learning rate per trainable part (every trainable part needs one).
+        weight_decay: AdamW decay for matrices; biases, norms and 1-d parameters get none.
+    """
+
+    trainable: list[str] = field(default_factory=lambda: ["encoder", "adapter", "llm"])
+    lr: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.05
+
+    def check(self, parts: dict[str, nn.Module]) -> None:
+        unknown = sorted(set(self.trainable) - set(parts))
+        if unknown:
+            raise ValueError(f"policy.trainable names {unknown}, but the system's parts are {sorted(parts)}")
+        no_lr = [n for n in self.trainable if n not in self.lr]
+        if no_lr:
+            raise ValueError(f"policy.lr has no learning rate for trainable parts {no_lr}")
+        extra = sorted(set(self.lr) - set(self.trainable))
+        if extra:
+            raise ValueError(f"policy.lr sets a learning rate for {extra}, which policy.trainable freezes")
+
+    def apply(self, parts: dict[str, nn.Module]) -> None:
+        """Freeze every part not in `trainable` (requires_grad False; kept in eval mode by the system)."""
+        self.check(parts)
+        for name, module in parts.items():
+            module.requires_grad_(name in self.trainable)
+
+    def param_groups(self, parts: dict[str, nn.Module]) -> list[dict]:
+        """One decay and one no-decay group per trainable part, each tagged with its part name."""
+        groups = []
+        for name in self.trainable:
+            params = [(n, p) for n, p in parts[name].named_parameters() if p.requires_grad]
+            decay = [p for n, p in params if p.ndim >= 2]
+            no_decay = [p for n, p in params if p.ndim < 2]
+            for ps, wd, suffix in ((decay, self.weight_decay, ""), (no_decay, 0.0, ".no_decay")):
+                if ps:
+                    groups.append({"params": ps, "lr": self.lr[name], "weight_decay": wd, "name": name + suffix})
+        return groups

@@ -1,0 +1,115 @@
+"""Stage 1, image captioning (EMU_SPEC §3): image → encoder → adapter → LLM, cross-entropy on caption tokens.
+
+Validation and test decode captions from `<s>[IMG]<image>×N[/IMG]` (greedy and beam search) and score them
+with CIDEr-D per evaluation set; on synthetic scenes also with attribute accuracy (is each shape's color,
+shape, size and position named right), the figure that templated captions cannot fake.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from components.losses.text import text_loss
+from emu_lightning.metrics.attributes import SceneAttributeAccuracy
+from emu_lightning.metrics.cider import CIDErD
+from emu_lightning.systems.base import EmuSystem
+
+
+class Stage1System(EmuSystem):
+    """Captioning stage. Arguments of `EmuSystem`, plus:
+
+    Args:
+        max_new_tokens: longest generated caption.
+        num_beams: beam width of the beam-search decode at evaluation; 1 skips it (greedy only).
+        num_samples: images per evaluation set kept in `eval_samples` for the sample-log callback.
+    """
+
+    def __init__(self, *args: Any, max_new_tokens: int = 32, num_beams: int = 3, num_samples: int = 8,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.max_new_tokens, self.num_beams, self.num_samples = max_new_tokens, num_beams, num_samples
+        self.metrics = nn.ModuleDict()            # "<set>_<decode>" → metric, made on first use
+        self.eval_samples: dict[str, list] = {}   # set → [(image, caption, reference)]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> Tensor:
+        """(B,T) ids, (B,T) mask, (B,3,H,W) images → (B,T,V) logits."""
+        hidden, _ = self.llm(self.embed_multimodal(input_ids, pixel_values), attention_mask)
+        return self.llm.logits(hidden)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        losses = text_loss(self(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]), batch["labels"])
+        losses["loss"] = losses["text_loss"]
+        self.log_losses(losses, "train", len(batch["ids"]))
+        self.log("train/truncated", batch["num_truncated"].float(), reduce_fx="sum", on_step=False, on_epoch=True)
+        return losses["loss"]
+
+    @torch.no_grad()
+    def caption(self, pixel_values: Tensor, prompt_ids: Tensor, num_beams: int = 1) -> list[str]:
+        """Decode one caption per image from the `<s>[IMG]<image>×N[/IMG]` prompt."""
+        embeds = self.embed_multimodal(prompt_ids, pixel_values)
+        mask = torch.ones(prompt_ids.shape, dtype=torch.long, device=prompt_ids.device)
+        out = self.llm.generate(embeds, mask, max_new_tokens=self.max_new_tokens, num_beams=num_beams,
+                                eos_token_id=self.ids.eos, pad_token_id=self.ids.pad)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def _eval_step(self, batch: dict, names: list[str], dataloader_idx: int) -> None:
+        name = names[dataloader_idx]
+        B = len(batch["ids"])
+        losses = text_loss(self(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]), batch["labels"])
+        self.log_losses(losses, name, B)
+        decodes = {"greedy": 1} | ({"beam": self.num_beams} if self.num_beams > 1 else {})
+        for decode, beams in decodes.items():
+            preds = self.caption(batch["pixel_values"], batch["prompt_ids"], beams)
+            self._metric(f"{name}_{decode}_cider", CIDErD).update(preds, batch["captions"])
+            if "scenes" in batch:
+                self._metric(f"{name}_{decode}_attr", SceneAttributeAccuracy).update(preds, batch["scenes"])
+            if decode == "greedy":
+                kept = self.eval_samples.setdefault(name, [])
+                for i in range(min(B, self.num_samples - len(kept))):
+                    kept.append((batch["pixel_values"][i].cpu(), preds[i], batch["captions"][i][0]))
+
+    def _metric(self, key: str, cls: type) -> nn.Module:
+        if key not in self.metrics:
+            self.metrics[key] = cls().to(self.device)
+        return self.metrics[key]
+
+    def _eval_epoch_end(self) -> None:
+        for key, metric in self.metrics.items():
+            if not metric.update_called:  # a set of the other loop (test vs val)
+                continue
+            name, decode, kind = key.rsplit("_", 2)
+            value = metric.compute()
+            if kind == "cider":
+                self.log(f"{name}/cider_{decode}", value, add_dataloader_idx=False)
+            else:
+                for attr, acc in value.items():
+                    self.log(f"{name}/{attr}_acc_{decode}", acc, add_dataloader_idx=False)
+            metric.reset()
+
+    def _names(self, kind: str) -> list[str]:
+        dm = getattr(self.trainer, "datamodule", None)
+        return list(getattr(dm, f"{kind}_names", None) or [kind])
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_samples = {}
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self._names("val"), dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end()
+
+    def on_test_epoch_start(self) -> None:
+        self.eval_samples = {}
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self._names("test"), dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end()
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        preds = self.caption(batch["pixel_values"], batch["prompt_ids"], self.num_beams)
+        return [{"id": i, "caption": p} for i, p in zip(batch["ids"], preds)]

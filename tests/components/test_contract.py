@@ -1,0 +1,255 @@
+"""One shared contract over every component: shape/dtype, gradient flow, freezing, state_dict, meta device.
+
+Each component test class supplies `make()`, `inputs()` and the shape it must emit; components whose
+forward is not a single call (the LLM: embed -> forward -> logits) also override `apply()`.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from components.adapters.cformer import CFormer
+from components.adapters.meanpool import MeanPoolProjector
+from components.base import Adapter, CausalLM, VisualEncoder
+from components.encoders.eva import EVAEncoder
+from components.llm.llama import LlamaLM
+from components.llm.regression_head import RegressionHead
+
+COMPONENTS_DIR = Path(__file__).resolve().parents[2] / "components"
+B = 2
+
+
+class ComponentContract:
+    """Mixin: subclasses define make(), inputs(), expected_shape(); the checks below are shared."""
+
+    def make(self) -> nn.Module:
+        raise NotImplementedError
+
+    def inputs(self) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def expected_shape(self, module: nn.Module) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def apply(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+        return module(*inputs)
+
+    def _built(self, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return self.make()
+
+    def _inputs(self) -> tuple[Tensor, ...]:
+        torch.manual_seed(1234)
+        return self.inputs()
+
+    def test_shape_and_dtype(self) -> None:
+        module = self._built().eval()
+        out = self.apply(module, self._inputs())
+        assert tuple(out.shape) == self.expected_shape(module)
+        assert out.dtype == torch.float32
+        assert torch.isfinite(out).all()
+        # The output dtype follows the module's parameters (no dtype is hard-coded inside components).
+        module = module.to(torch.float64)
+        inputs = tuple(x.to(torch.float64) if x.is_floating_point() else x for x in self._inputs())
+        assert self.apply(module, inputs).dtype == torch.float64
+
+    def test_gradient_reaches_every_parameter(self) -> None:
+        module = self._built().train()
+        out = self.apply(module, self._inputs())
+        torch.manual_seed(7)
+        (out * torch.randn_like(out)).sum().backward()  # random weights: no symmetric cancellation
+        params = dict(module.named_parameters())
+        assert params, "component has no parameters"
+        no_grad = [n for n, p in params.items() if p.grad is None]
+        zero_grad = [n for n, p in params.items() if p.grad is not None and not p.grad.abs().sum() > 0]
+        assert not no_grad, f"parameters unreachable from the output: {no_grad}"
+        assert not zero_grad, f"parameters with an all-zero gradient: {zero_grad}"
+
+    def test_requires_grad_false_freezes(self) -> None:
+        module = self._built()
+        freeze = getattr(module, "freeze", None)
+        (freeze or (lambda: module.requires_grad_(False)))()
+        assert not [n for n, p in module.named_parameters() if p.requires_grad]
+        out = self.apply(module, self._inputs())
+        assert not out.requires_grad
+        assert all(p.grad is None for p in module.parameters())
+
+    def test_state_dict_round_trip(self) -> None:
+        src, fresh = self._built(seed=0).eval(), self._built(seed=1).eval()
+        inputs = self._inputs()
+        with torch.no_grad():
+            expected = self.apply(src, inputs)
+            assert not torch.equal(self.apply(fresh, inputs), expected), "seeds give identical models"
+            fresh.load_state_dict(src.state_dict(), strict=True)
+            torch.testing.assert_close(self.apply(fresh, inputs), expected, rtol=0, atol=0)
+
+    def test_builds_on_meta_device(self) -> None:
+        with torch.device("meta"):
+            module = self.make()
+        tensors = list(module.parameters()) + list(module.buffers())
+        assert tensors and all(t.is_meta for t in tensors)
+
+
+class EncoderContract(ComponentContract):
+    drop_cls = False
+    layer = -1
+
+    def make(self) -> nn.Module:
+        return EVAEncoder.tiny(drop_cls=self.drop_cls, layer=self.layer)
+
+    def inputs(self) -> tuple[Tensor, ...]:
+        return (torch.randn(B, 3, 64, 64),)
+
+    def expected_shape(self, module: nn.Module) -> tuple[int, ...]:
+        return (B, 64 + (0 if self.drop_cls else 1), 64)
+
+    def test_protocol_attributes(self) -> None:
+        module = self.make()
+        assert isinstance(module, VisualEncoder)
+        assert (module.embed_dim, module.grid, module.num_tokens) == (64, 8, self.expected_shape(module)[1])
+        assert len(module.trunk.blocks) == self.layer % 2 + 1  # blocks after `layer` are pruned
+
+    def test_freeze_pins_eval_mode(self) -> None:
+        for module in (EVAEncoder.tiny(frozen=True), self.make()):
+            if not module.frozen:
+                module.freeze()
+            module.train()
+            assert not any(m.training for m in module.modules())
+            assert not [p for p in module.parameters() if p.requires_grad]
+
+
+class TestEncoderLastKeepCLS(EncoderContract):
+    pass
+
+
+class TestEncoderLastDropCLS(EncoderContract):
+    drop_cls = True
+
+
+class TestEncoderPenultimateKeepCLS(EncoderContract):
+    layer = -2
+
+
+class TestEncoderPenultimateDropCLS(EncoderContract):
+    drop_cls, layer = True, -2
+
+
+class TestMeanPoolProjector(ComponentContract):
+    def make(self) -> nn.Module:
+        return MeanPoolProjector(in_dim=64, out_dim=48, grid=4)
+
+    def inputs(self) -> tuple[Tensor, ...]:
+        return (torch.randn(B, 64, 64),)  # 8×8 grid, CLS dropped
+
+    def expected_shape(self, module: nn.Module) -> tuple[int, ...]:
+        return (B, 16, 48)
+
+
+class TestCFormer(ComponentContract):
+    def make(self) -> nn.Module:
+        return CFormer.tiny(out_dim=48)
+
+    def inputs(self) -> tuple[Tensor, ...]:
+        return (torch.randn(B, 65, 64),)  # 8×8 grid + CLS
+
+    def expected_shape(self, module: nn.Module) -> tuple[int, ...]:
+        return (B, 8, 48)
+
+    def test_no_word_embedding_allocated(self) -> None:
+        module = self.make()
+        assert module.cformer.embed_tokens is None
+        assert not any("embed_tokens" in k for k in module.state_dict())
+
+
+class TestLlamaLM(ComponentContract):
+    def make(self) -> nn.Module:
+        return LlamaLM.tiny()
+
+    def inputs(self) -> tuple[Tensor, ...]:
+        ids = torch.randint(0, 128, (B, 7))
+        mask = torch.ones(B, 7, dtype=torch.long)
+        mask[1, :2] = 0  # left padding in row 1
+        return ids, mask
+
+    def apply(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+        ids, mask = inputs
+        hidden, cache = module(module.embed(ids), mask)
+        assert cache is None
+        return module.logits(hidden)
+
+    def expected_shape(self, module: nn.Module) -> tuple[int, ...]:
+        return (B, 7, 128)
+
+    def test_protocol_attributes(self) -> None:
+        module = self.make()
+        assert isinstance(module, CausalLM)
+        assert (module.hidden_dim, module.vocab_size) == (64, 128)
+        assert module.model.config._attn_implementation == "sdpa"
+        assert module.model.config.tie_word_embeddings is False
+        assert module.model.lm_head.weight.data_ptr() != module.model.model.embed_tokens.weight.data_ptr()
+
+
+class TestRegressionHead(ComponentContract):
+    def make(self) -> nn.Module:
+        return RegressionHead(in_dim=64, out_dim=48)
+
+    def inputs(self) -> tuple[Tensor, ...]:
+        return (torch.randn(B, 5, 64),)
+
+    def expected_shape(self, module: nn.Module) -> tuple[int, ...]:
+        return (B, 5, 48)
+
+    def test_no_bias(self) -> None:
+        assert [n for n, _ in self.make().named_parameters()] == ["proj.weight"]
+
+
+@pytest.mark.parametrize("make", [lambda: CFormer.tiny(out_dim=48),
+                                  lambda: MeanPoolProjector(in_dim=64, out_dim=48, grid=4)],
+                         ids=["cformer", "meanpool"])
+def test_adapters_are_interchangeable(make) -> None:
+    """Encoder -> either adapter -> (B, adapter.num_tokens, D_llm): the system code needs nothing else."""
+    torch.manual_seed(0)
+    feats = EVAEncoder.tiny(drop_cls=True)(torch.randn(B, 3, 64, 64))  # (B,64,64)
+    adapter = make()
+    assert isinstance(adapter, Adapter)
+    assert adapter(feats).shape == (B, adapter.num_tokens, 48)
+
+
+@pytest.mark.parametrize("preset, params_b, attrs", [
+    (lambda: EVAEncoder.eva01_clip_g(), 1.0, {"embed_dim": 1408, "num_tokens": 257, "grid": 16}),
+    (lambda: EVAEncoder.eva02_clip_e_plus(), 4.35, {"embed_dim": 1792, "num_tokens": 1024, "grid": 32}),
+    (lambda: CFormer.emu1(), 0.129, {"num_tokens": 32}),
+    (lambda: LlamaLM.llama_13b(), 13.0, {"hidden_dim": 5120, "vocab_size": 32000}),
+    (lambda: LlamaLM.llama_33b(), 32.5, {"hidden_dim": 6656, "vocab_size": 32000}),
+], ids=["eva01_clip_g", "eva02_clip_e_plus", "cformer_emu1", "llama_13b", "llama_33b"])
+def test_real_presets_build_on_meta(preset, params_b: float, attrs: dict) -> None:
+    with torch.device("meta"):
+        module = preset()
+    params = list(module.parameters())
+    assert all(p.is_meta for p in params)
+    assert sum(p.numel() for p in params) / 1e9 == pytest.approx(params_b, rel=0.03)
+    assert {k: getattr(module, k) for k in attrs} == attrs
+
+
+def test_real_eva_presets_follow_the_spec() -> None:
+    with torch.device("meta"):
+        g, e = EVAEncoder.eva01_clip_g(), EVAEncoder.eva02_clip_e_plus()
+    assert (len(g.trunk.blocks), g.drop_cls, g.block_cls.__name__) == (40, False, "EvaBlock")
+    assert (len(e.trunk.blocks), e.drop_cls, e.block_cls.__name__) == (64, True, "EvaBlockPostNorm")
+
+
+def test_meanpool_rejects_non_square_token_counts() -> None:
+    with pytest.raises(ValueError, match="L=65"):
+        MeanPoolProjector(in_dim=8, out_dim=8, grid=4)(torch.randn(1, 65, 8))
+
+
+def test_components_import_no_lightning_and_move_no_devices() -> None:
+    files = sorted(COMPONENTS_DIR.rglob("*.py"))
+    assert len(files) >= 8
+    banned = re.compile(r"^\s*(import|from)\s+(lightning|pytorch_lightning)\b|\.cuda\(|autocast", re.M)
+    offenders = [str(f) for f in files if banned.search(f.read_text())]
+    assert not offenders, f"lightning / device / autocast use in components: {offenders}"

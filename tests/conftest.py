@@ -1,0 +1,24 @@
+"""Shared fixtures: offline hub, deterministic seeds per test, tiny tokenizer."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_dtype():
+    torch.manual_seed(0)
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from emu_lightning.data.tokenizer import load_tokenizer
+
+    return load_tokenizer()

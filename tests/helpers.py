@@ -1,0 +1,43 @@
+"""Tiny real systems for tests (no mocks): 32-px EVA, 2-layer Llama, both adapters."""
+from __future__ import annotations
+
+import torch
+
+from components.adapters.cformer import CFormer
+from components.adapters.meanpool import MeanPoolProjector
+from components.encoders.eva import EVAEncoder
+from components.llm.llama import LlamaLM
+from emu_lightning.systems.policy import StagePolicy
+from emu_lightning.systems.stage1 import Stage1System
+
+IMAGE_SIZE = 32
+
+
+def tiny_encoder() -> EVAEncoder:
+    return EVAEncoder(img_size=IMAGE_SIZE, patch_size=8, depth=2, embed_dim=64, num_heads=2, drop_cls=True)
+
+
+def tiny_adapter(kind: str) -> torch.nn.Module:
+    if kind == "cformer":
+        return CFormer(in_dim=64, out_dim=64, num_queries=4, d_model=32, num_layers=1, num_heads=2, d_ff=64)
+    return MeanPoolProjector(in_dim=64, out_dim=64, grid=2)
+
+
+def tiny_stage1(adapter: str = "meanpool", trainable=("encoder", "adapter", "llm"), lr: float = 1e-3,
+                **kwargs) -> Stage1System:
+    policy = StagePolicy(trainable=list(trainable), lr={k: lr for k in trainable})
+    llm = LlamaLM(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, vocab_size=128)
+    return Stage1System(tiny_encoder(), tiny_adapter(adapter), llm, policy=policy, **kwargs)
+
+
+def tiny_datamodule(system: Stage1System, train_size: int = 64, eval_size: int = 8, batch_size: int = 8):
+    from emu_lightning.data.datamodule import CaptionDataModule
+    from emu_lightning.data.synthetic import SyntheticCaptions
+
+    def ds(split, n):
+        return SyntheticCaptions(split=split, size=n, image_size=IMAGE_SIZE)
+
+    return CaptionDataModule(train=ds("train", train_size), val={"val": ds("val", eval_size), "heldout": ds("heldout", eval_size)},
+                             test={"test": ds("test", eval_size)}, image_size=IMAGE_SIZE, batch_size=batch_size,
+                             eval_batch_size=eval_size, tokenizer=system.tokenizer,
+                             num_image_tokens=system.num_image_tokens)
