@@ -19,6 +19,12 @@ class EmuCLI(LightningCLI):
         parser.link_arguments("model", "data.init_args.num_image_tokens",
                               compute_fn=lambda m: m.num_image_tokens, apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        # `--trainer.enable_progress_bar false` (logs to a file, CI) wins over the recipe's RichProgressBar.
+        cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+        if cfg.trainer.enable_progress_bar is False and cfg.trainer.callbacks:
+            cfg.trainer.callbacks = [c for c in cfg.trainer.callbacks if not c.class_path.endswith("ProgressBar")]
+
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> EmuCLI:
     # Nothing is ever fetched from a hub: weights and tokenizers come from local paths in the recipe.

@@ -2,6 +2,7 @@
 and a short training run in which the stage-1 loss falls clearly."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -24,7 +25,8 @@ def _overlay(tmp_path: Path, max_steps: int) -> str:
                     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                "init_args": {"save_dir": str(tmp_path / "runs"), "name": "smoke", "version": 0}}},
         "model": {"init_args": {"max_new_tokens": 4, "num_beams": 2}},
-        "data": {"init_args": {"val": {"val": small("val"), "heldout": small("heldout")}, "batch_size": 4,
+        "data": {"init_args": {"val": {"val": small("val"), "heldout": small("heldout")},
+                               "test": {"test": small("test"), "heldout": small("heldout")}, "batch_size": 4,
                                "eval_batch_size": 4, "num_workers": 0}},
     }
     path = tmp_path / f"overlay_{max_steps}.yaml"
@@ -55,6 +57,11 @@ def test_cli_fit_logs_and_resumes(recipe, tmp_path, monkeypatch):
     resumed = cli_main(["fit", "--config", base, "--config", _overlay(tmp_path, 4), "--ckpt_path", str(last)])
     assert resumed.trainer.global_step == 4
 
+    cli_main(["predict", "--config", base, "--config", _overlay(tmp_path, 4), "--ckpt_path", str(last)])
+    rows = [json.loads(line) for line in (tmp_path / "runs/smoke/version_0/predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {r["set"] for r in rows} == {"test", "heldout"}
+    assert all(isinstance(r["caption"], str) and r["id"].startswith("synth-") for r in rows)
+
 
 def test_stage1_loss_falls():
     """100 steps on 64 fixed scenes (≈ 12 epochs): the caption CE must fall to under half its start."""
@@ -73,3 +80,26 @@ def test_stage1_loss_falls():
     start, end = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
     assert end < 0.5 * start, (start, end)
     assert torch.isfinite(torch.tensor(losses)).all()
+
+
+def test_cli_fit_on_real_format_data(tmp_path, monkeypatch):
+    """Tar shards (LAION-style) for training and a COCO-captions set for validation, through the same CLI."""
+    from tests.test_real_data import _good, _write_coco, _write_tar
+
+    monkeypatch.chdir(tmp_path)
+    shards = [_write_tar(tmp_path / f"shard-{i:03d}.tar", [_good(f"s{i}_{k}") for k in range(8)]) for i in range(2)]
+    coco = _write_coco(tmp_path)
+    cfg = yaml.safe_load(Path(_overlay(tmp_path, 2)).read_text())
+    cfg["data"]["init_args"] = {
+        "train": {"class_path": "emu_lightning.data.real.WebDatasetPairs",
+                  "init_args": {"urls": str(tmp_path / "shard-{000..001}.tar")}},
+        "val": {"coco": {"class_path": "emu_lightning.data.real.CocoCaptions",
+                         "init_args": {"annotations": str(coco), "image_dir": str(tmp_path / "img")}}},
+        "batch_size": 4, "eval_batch_size": 4, "num_workers": 0}
+    overlay = tmp_path / "real.yaml"
+    overlay.write_text(yaml.safe_dump(cfg))
+    cli = cli_main(["fit", "--config", str(ROOT / "recipes/debug/stage1_meanpool.yaml"), "--config", str(overlay)])
+    assert cli.trainer.global_step == 2 and len(shards) == 2
+    metrics = cli.trainer.callback_metrics
+    assert "coco/cider_greedy" in metrics and "coco/text_loss" in metrics
+    assert not any(k.startswith("coco/") and "_acc_" in k for k in metrics)  # no scenes, no attribute accuracy

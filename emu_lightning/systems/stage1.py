@@ -32,6 +32,7 @@ class Stage1System(EmuSystem):
         self.max_new_tokens, self.num_beams, self.num_samples = max_new_tokens, num_beams, num_samples
         self.metrics = nn.ModuleDict()            # "<set>_<decode>" → metric, made on first use
         self.eval_samples: dict[str, list] = {}   # set → [(image, caption, reference)]
+        self.truncated_total = 0
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> Tensor:
         """(B,T) ids, (B,T) mask, (B,3,H,W) images → (B,T,V) logits."""
@@ -42,7 +43,8 @@ class Stage1System(EmuSystem):
         losses = text_loss(self(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]), batch["labels"])
         losses["loss"] = losses["text_loss"]
         self.log_losses(losses, "train", len(batch["ids"]))
-        self.log("train/truncated", batch["num_truncated"].float(), reduce_fx="sum", on_step=False, on_epoch=True)
+        self.truncated_total += int(batch["num_truncated"])  # captions cut at max_length so far (this process)
+        self.log("train/truncated_total", float(self.truncated_total))
         return losses["loss"]
 
     @torch.no_grad()

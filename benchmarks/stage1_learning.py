@@ -1,0 +1,88 @@
+"""Stage-1 learning benchmark: fit a debug recipe on the synthetic scenes on CPU, then score captions on the
+val split and the held-out color-shape split with CIDEr-D and attribute accuracy.
+
+    python benchmarks/stage1_learning.py --recipe recipes/debug/stage1_cformer.yaml --steps 6000 --threads 1
+    python benchmarks/stage1_learning.py --report    # table of every finished run in benchmarks/out/
+
+Each run writes benchmarks/out/<name>.json (metrics, steps, wall time, steps/s) and its TensorBoard logs
+under benchmarks/out/runs/<name>.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "out"
+COLUMNS = ["cider_greedy", "shape_acc_greedy", "color_acc_greedy", "size_acc_greedy", "position_acc_greedy",
+           "all_acc_greedy", "cider_beam", "shape_acc_beam", "color_acc_beam"]
+
+
+def overlay(name: str, steps: int, eval_size: int, val_every: int) -> Path:
+    synth = lambda split: {"class_path": "emu_lightning.data.synthetic.SyntheticCaptions",  # noqa: E731
+                           "init_args": {"split": split, "size": eval_size, "image_size": 64}}
+    cfg = {"trainer": {"max_steps": steps, "val_check_interval": val_every, "enable_progress_bar": False,
+                       "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                  "init_args": {"save_dir": str(OUT / "runs"), "name": name}}},
+           "data": {"init_args": {"val": {"val": synth("val"), "heldout": synth("heldout")},
+                                  "train": {"class_path": "emu_lightning.data.synthetic.SyntheticCaptions",
+                                            "init_args": {"split": "train", "size": 1_000_000, "image_size": 64}}}}}
+    path = OUT / f"{name}.overlay.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(recipe: str, steps: int, threads: int, eval_size: int, name: str | None) -> dict:
+    from emu_lightning.cli import cli_main
+
+    torch.set_num_threads(threads)
+    name = name or Path(recipe).stem
+    OUT.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    cli = cli_main(["fit", "--config", recipe, "--config", str(overlay(name, steps, eval_size, steps // 4)),
+                    "--data.init_args.num_workers", "1"])
+    wall = time.time() - start
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    result = {"name": name, "recipe": recipe, "steps": cli.trainer.global_step, "wall_s": round(wall, 1),
+              "steps_per_s": round(cli.trainer.global_step / wall, 2), "threads": threads, "eval_size": eval_size,
+              "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {platform.processor()} "
+              f"{torch.get_num_threads()} threads", "metrics": metrics}
+    (OUT / f"{name}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def report() -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    head = "| run | steps | steps/s | split | " + " | ".join(COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        for split in ("val", "heldout"):
+            vals = [r["metrics"].get(f"{split}/{c}", float("nan")) for c in COLUMNS]
+            lines.append(f"| {r['name']} | {r['steps']} | {r['steps_per_s']} | {split} | "
+                         + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="recipes/debug/stage1_cformer.yaml")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eval-size", type=int, default=256)
+    p.add_argument("--name")
+    p.add_argument("--report", action="store_true")
+    a = p.parse_args()
+    if not a.report:
+        r = run(a.recipe, a.steps, a.threads, a.eval_size, a.name)
+        print(json.dumps({k: v for k, v in r.items() if k != "metrics"}))
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
