@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -38,7 +39,13 @@ def overlay(name: str, steps: int, eval_size: int, val_every: int) -> Path:
     return path
 
 
-def run(recipe: str, steps: int, threads: int, eval_size: int, name: str | None) -> dict:
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def run(recipe: str, steps: int, threads: int, eval_size: int, name: str | None, extra: list[str]) -> dict:
     from emu_lightning.cli import cli_main
 
     torch.set_num_threads(threads)
@@ -46,13 +53,12 @@ def run(recipe: str, steps: int, threads: int, eval_size: int, name: str | None)
     OUT.mkdir(parents=True, exist_ok=True)
     start = time.time()
     cli = cli_main(["fit", "--config", recipe, "--config", str(overlay(name, steps, eval_size, steps // 4)),
-                    "--data.init_args.num_workers", "1"])
+                    "--data.init_args.num_workers", "1", *extra])
     wall = time.time() - start
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-    result = {"name": name, "recipe": recipe, "steps": cli.trainer.global_step, "wall_s": round(wall, 1),
+    result = {"name": name, "recipe": recipe, "steps": cli.trainer.global_step, "overrides": extra, "wall_s": round(wall, 1),
               "steps_per_s": round(cli.trainer.global_step / wall, 2), "threads": threads, "eval_size": eval_size,
-              "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {platform.processor()} "
-              f"{torch.get_num_threads()} threads", "metrics": metrics}
+              "date": time.strftime("%Y-%m-%d"), "machine": machine(), "metrics": metrics}
     (OUT / f"{name}.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -77,9 +83,9 @@ def main() -> None:
     p.add_argument("--eval-size", type=int, default=256)
     p.add_argument("--name")
     p.add_argument("--report", action="store_true")
-    a = p.parse_args()
+    a, extra = p.parse_known_args()  # anything else is a CLI override, e.g. --data.init_args.batch_size 16
     if not a.report:
-        r = run(a.recipe, a.steps, a.threads, a.eval_size, a.name)
+        r = run(a.recipe, a.steps, a.threads, a.eval_size, a.name, extra)
         print(json.dumps({k: v for k, v in r.items() if k != "metrics"}))
     print(report())
 

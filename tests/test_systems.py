@@ -94,3 +94,13 @@ def test_image_count_mismatch_raises_with_counts():
     batch = _batch(system, n=3)
     with pytest.raises(ValueError, match="2 images"):
         system(batch["input_ids"], batch["attention_mask"], batch["pixel_values"][:2])
+
+
+def test_component_frozen_by_its_own_flag_is_not_unfrozen_by_the_policy():
+    system = tiny_stage1()
+    system.encoder.freeze()
+    system.policy.apply(system.parts)
+    assert not any(p.requires_grad for p in system.encoder.parameters())
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.raises(RuntimeError, match="policy trains 'encoder' but it has no trainable parameters"):
+        TrainableAudit().on_fit_start(trainer, system)

@@ -35,10 +35,15 @@ class StagePolicy:
             raise ValueError(f"policy.lr sets a learning rate for {extra}, which policy.trainable freezes")
 
     def apply(self, parts: dict[str, nn.Module]) -> None:
-        """Freeze every part not in `trainable` (requires_grad False; kept in eval mode by the system)."""
+        """Freeze every part not in `trainable` (requires_grad False; kept in eval mode by the system).
+
+        Trainable parts are left as built: a component frozen by its own flag stays frozen, and the
+        trainable-parameter audit then stops the run rather than silently unfreezing it.
+        """
         self.check(parts)
         for name, module in parts.items():
-            module.requires_grad_(name in self.trainable)
+            if name not in self.trainable:
+                module.requires_grad_(False)
 
     def param_groups(self, parts: dict[str, nn.Module]) -> list[dict]:
         """One decay and one no-decay group per trainable part, each tagged with its part name."""
