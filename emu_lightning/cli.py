@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import os
 
+# Nothing is ever fetched from a hub: weights and tokenizers come from local paths in the recipe.
+# huggingface_hub reads this once at import, so it is set before anything imports transformers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 from lightning.pytorch.cli import LightningCLI
 
 from emu_lightning.systems.base import EmuSystem
@@ -27,7 +31,5 @@ class EmuCLI(LightningCLI):
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> EmuCLI:
-    # Nothing is ever fetched from a hub: weights and tokenizers come from local paths in the recipe.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return EmuCLI(EmuSystem, subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
                   save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf"})

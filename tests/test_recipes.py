@@ -43,8 +43,16 @@ def test_real_size_recipe_builds_on_meta(recipe):
     with torch.device("meta"):
         cli = cli_main(["--config", str(recipe), *overrides], run=False)
     n = sum(p.numel() for p in cli.model.parameters())
-    assert n > 5e9, n  # 13B / 33B-class LLM plus a 1B-class encoder
     assert all(p.is_meta for p in cli.model.parameters())
+    m = cli.model
+    # EMU_SPEC §1: Emu1 = EVA-CLIP-g (1408, 16×16 + CLS = 257 tokens) → 32 C-Former queries → LLaMA-13B (5120);
+    # Emu2 = EVA-E-plus (1792, CLS dropped) → 8×8 = 64 pooled tokens → LLaMA-33B (6656).
+    expected = {"emu1": (1408, 257, 32, 5120, 40), "emu2": (1792, 256, 64, 6656, 60)}[recipe.parent.name]
+    got = (m.encoder.embed_dim, m.encoder.num_tokens, m.adapter.num_tokens, m.llm.hidden_dim,
+           m.llm.model.config.num_hidden_layers)
+    assert got == expected
+    assert cli.datamodule.num_image_tokens == expected[2]
+    assert n > 13e9 if recipe.parent.name == "emu1" else n > 32e9, n
 
 
 def test_unknown_recipe_key_names_the_key(tmp_path, capsys):

@@ -38,6 +38,7 @@ def test_vocab_resized_to_tokenizer():
 
 def test_frozen_encoder_gets_no_grad_and_stays_in_eval():
     system = tiny_stage1(trainable=("adapter", "llm"))
+    assert not system.encoder.training  # the policy puts frozen parts in eval at construction
     system.train()
     assert not system.encoder.training and system.adapter.training
     assert not any(p.requires_grad for p in system.encoder.parameters())
@@ -104,3 +105,38 @@ def test_component_frozen_by_its_own_flag_is_not_unfrozen_by_the_policy():
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False)
     with pytest.raises(RuntimeError, match="policy trains 'encoder' but it has no trainable parameters"):
         TrainableAudit().on_fit_start(trainer, system)
+
+
+def test_greedy_caption_equals_full_forward_argmax_loop():
+    """HF generate (KV cache) inside `caption` picks, step by step, the argmax of a full no-cache forward."""
+    system = tiny_stage1(max_new_tokens=6).eval()
+    batch = _batch(system, n=2)
+    ids = system.ids
+    cached = system.caption(batch["pixel_values"], batch["prompt_ids"], num_beams=1)
+    seq = batch["prompt_ids"]
+    with torch.no_grad():
+        for _ in range(6):
+            logits = system(seq, torch.ones_like(seq), batch["pixel_values"])
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    manual = []
+    for row in seq[:, batch["prompt_ids"].shape[1]:].tolist():
+        row = row[: row.index(ids.eos)] if ids.eos in row else row
+        manual.append(system.tokenizer.decode(row, skip_special_tokens=True).strip())
+    assert cached == manual
+
+
+def test_frozen_part_stays_in_eval_through_fit_and_validation():
+    from tests.helpers import tiny_datamodule
+
+    system = tiny_stage1(trainable=("adapter", "llm"), max_new_tokens=2, num_beams=1)
+    modes = []
+
+    class Check(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            modes.append((module.encoder.training, module.adapter.training))
+
+    trainer = L.Trainer(max_steps=4, val_check_interval=2, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Check()])
+    trainer.fit(system, datamodule=tiny_datamodule(system, train_size=16, eval_size=4, batch_size=4))
+    assert modes == [(False, True)] * 4

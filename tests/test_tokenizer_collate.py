@@ -46,11 +46,16 @@ def test_loaded_tokenizer_gets_missing_special_tokens(tokenizer, tmp_path):
     # A tokenizer.json without the Emu specials (like LLaMA's) gets them appended after its vocabulary.
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in SPECIAL_TOKENS[3:]]
-    for t in SPECIAL_TOKENS[3:]:
-        spec["model"]["vocab"].pop(t, None)
+    kept = sorted((i, t) for t, i in spec["model"]["vocab"].items() if t not in SPECIAL_TOKENS[3:])
+    spec["model"]["vocab"] = {t: new for new, (_, t) in enumerate(kept)}  # dense ids, no holes, like LLaMA's
+    spec["added_tokens"] = [{**t, "id": spec["model"]["vocab"][t["content"]]} for t in spec["added_tokens"]]
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     tok = load_tokenizer(str(tmp_path / "tokenizer.json"))
-    assert tok.convert_tokens_to_ids("<image>") >= len(spec["model"]["vocab"])
+    old_max = max(spec["model"]["vocab"].values())
+    new_ids = [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS[3:]]
+    assert min(new_ids) > old_max  # appended after the vocabulary, like LLaMA's 32000+
+    vocab = tok.get_vocab()
+    assert len(set(vocab.values())) == len(vocab)  # no id shared by two tokens
     SpecialIds.from_tokenizer(tok)
 
 

@@ -6,7 +6,6 @@ The tokenizer and N (`<image>` tokens per image) come from the model: the CLI li
 """
 from __future__ import annotations
 
-import random
 from typing import Any, Iterator
 
 import lightning as L
@@ -27,34 +26,35 @@ def image_transform(size: int) -> T.Compose:
                       T.ToDtype(torch.float32, scale=True), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
-def _prepare(sample: dict, transform: T.Compose, seed: int, train: bool) -> dict:
+def _prepare(sample: dict, transform: T.Compose, train: bool) -> dict:
     caps = sample["captions"]
     if not caps:
         raise ValueError(f"sample {sample.get('id')!r}: empty 'captions' list")
-    # The training caption is a deterministic draw among the references (seeded by sample id):
-    # every reference gets trained on, and a resumed run sees the same text for the same sample.
-    pick = random.Random(f"{seed}-{sample['id']}").randrange(len(caps)) if train else 0
+    # The training caption is a fresh draw among the references each time the sample is read, from the
+    # torch RNG that `seed_everything(workers=True)` seeds per worker: every reference gets trained on
+    # across epochs, and a run with the same seed draws the same sequence. Evaluation uses reference 0.
+    pick = int(torch.randint(len(caps), ())) if train else 0
     return {**sample, "image": transform(sample["image"]), "caption": caps[pick]}
 
 
 class _Mapped(Dataset):
-    def __init__(self, ds: Dataset, transform: T.Compose, seed: int, train: bool):
-        self.ds, self.transform, self.seed, self.train = ds, transform, seed, train
+    def __init__(self, ds: Dataset, transform: T.Compose, train: bool):
+        self.ds, self.transform, self.train = ds, transform, train
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int) -> dict:
-        return _prepare(self.ds[i], self.transform, self.seed, self.train)
+        return _prepare(self.ds[i], self.transform, self.train)
 
 
 class _Streamed(IterableDataset):
-    def __init__(self, ds: IterableDataset, transform: T.Compose, seed: int, train: bool):
-        self.ds, self.transform, self.seed, self.train = ds, transform, seed, train
+    def __init__(self, ds: IterableDataset, transform: T.Compose, train: bool):
+        self.ds, self.transform, self.train = ds, transform, train
 
     def __iter__(self) -> Iterator[dict]:
         for s in self.ds:
-            yield _prepare(s, self.transform, self.seed, self.train)
+            yield _prepare(s, self.transform, self.train)
 
 
 class CaptionDataModule(L.LightningDataModule):
@@ -70,14 +70,13 @@ class CaptionDataModule(L.LightningDataModule):
         eval_batch_size: batch size for validation / test / predict.
         num_workers: DataLoader workers.
         max_length: longest sequence in tokens (image block included); longer captions are truncated and counted.
-        seed: seed of the caption draw.
         tokenizer: linked from `model.tokenizer` by the CLI.
         num_image_tokens: linked from `model.adapter.num_tokens` by the CLI.
     """
 
     def __init__(self, train: Dataset | None = None, val: dict[str, Dataset] | None = None,
                  test: dict[str, Dataset] | None = None, image_size: int = 64, batch_size: int = 32,
-                 eval_batch_size: int = 64, num_workers: int = 0, max_length: int = 64, seed: int = 0,
+                 eval_batch_size: int = 64, num_workers: int = 0, max_length: int = 64,
                  tokenizer: Any = None, num_image_tokens: int = 32):
         super().__init__()
         from emu_lightning.data.synthetic import SyntheticCaptions
@@ -91,7 +90,7 @@ class CaptionDataModule(L.LightningDataModule):
             "heldout": SyntheticCaptions(split="heldout", size=512, image_size=image_size)}
         self.transform = image_transform(image_size)
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        self.max_length, self.seed = max_length, seed
+        self.max_length = max_length
         self.tokenizer, self.num_image_tokens = tokenizer, num_image_tokens
 
     @property
@@ -111,7 +110,7 @@ class CaptionDataModule(L.LightningDataModule):
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         wrap = _Streamed if isinstance(ds, IterableDataset) else _Mapped
         shuffle = train and not isinstance(ds, IterableDataset)
-        return DataLoader(wrap(ds, self.transform, self.seed, train),
+        return DataLoader(wrap(ds, self.transform, train),
                           batch_size=self.batch_size if train else self.eval_batch_size,
                           shuffle=shuffle, drop_last=train, num_workers=self.num_workers,
                           collate_fn=self._collate(), persistent_workers=self.num_workers > 0)

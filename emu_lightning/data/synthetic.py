@@ -38,6 +38,7 @@ from emu_lightning.data.synthetic_text import (
     has_heldout_pair,
     make_captions,
     make_vqa,
+    object_hits,
     parse_caption,
     video_subtitles,
     vocabulary_sentences,
@@ -47,7 +48,7 @@ __all__ = [
     "BACKGROUNDS", "COLORS", "HELDOUT_PAIRS", "POSITIONS", "SHAPES", "SIZES", "SPLITS", "SYNONYMS",
     "NUM_FRAMES",
     "Obj", "Scene", "SyntheticCaptions", "SyntheticDocuments", "SyntheticVQA", "SyntheticVideos",
-    "attribute_accuracy", "caption_corpus", "describe_object", "describe_scene", "in_split", "parse_caption",
+    "attribute_accuracy", "caption_corpus", "describe_object", "describe_scene", "in_split", "object_hits", "parse_caption",
     "render", "render_placed", "sample_scene", "scene_bucket",
 ]  # fmt: skip
 

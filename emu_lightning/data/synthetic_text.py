@@ -185,36 +185,36 @@ def parse_caption(text: str) -> list[dict[str, str | None]]:
     return mentions
 
 
+def object_hits(caption: str, scene: Scene) -> list[dict[str, bool]]:
+    """Per ground-truth object: is each attribute named right by the i-th mention of the caption?
+
+    Objects and mentions are both in canonical order; a missing mention is wrong on every attribute.
+    """
+    mentions = parse_caption(caption)
+    names = ("color", "shape", "size", "position")
+    hits = []
+    for i, obj in enumerate(scene.objects):
+        right = {k: i < len(mentions) and mentions[i][k] == getattr(obj, k) for k in names}
+        hits.append({**right, "all": all(right.values())})
+    return hits
+
+
 def attribute_accuracy(captions: list[str], scenes: list[Scene]) -> dict[str, float]:
     """Fraction of ground-truth objects whose attributes the captions name correctly.
 
-    The i-th object of a scene is matched to the i-th mention of its caption (both canonical
-    order); a missing mention is wrong on every attribute. ``all`` needs all four right;
-    ``count`` is the fraction of captions with exactly as many mentions as objects.
+    ``all`` needs all four right; ``count`` is the fraction of captions with exactly as many mentions
+    as objects (see `object_hits` for the matching rule).
 
     Args:
         captions: one generated caption per scene.
         scenes: the ground-truth scenes.
     """
     if len(captions) != len(scenes) or not scenes:
-        raise ValueError(
-            f"attribute_accuracy: {len(captions)} captions for {len(scenes)} scenes; need equal counts > 0"
-        )
-    names = ("color", "shape", "size", "position")
-    hits = dict.fromkeys((*names, "all"), 0)
-    n_objects = count_ok = 0
-    for caption, scene in zip(captions, scenes):
-        mentions = parse_caption(caption)
-        count_ok += len(mentions) == len(scene.objects)
-        for i, obj in enumerate(scene.objects):
-            n_objects += 1
-            if i >= len(mentions):
-                continue
-            right = [mentions[i][k] == getattr(obj, k) for k in names]
-            for k, ok in zip(names, right):
-                hits[k] += ok
-            hits["all"] += all(right)
-    return {**{k: v / n_objects for k, v in hits.items()}, "count": count_ok / len(scenes)}
+        raise ValueError(f"attribute_accuracy: {len(captions)} captions for {len(scenes)} scenes; need equal, > 0")
+    per_object = [h for c, s in zip(captions, scenes) for h in object_hits(c, s)]
+    count_ok = sum(len(parse_caption(c)) == len(s.objects) for c, s in zip(captions, scenes))
+    keys = ("color", "shape", "size", "position", "all")
+    return {**{k: sum(h[k] for h in per_object) / len(per_object) for k in keys}, "count": count_ok / len(scenes)}
 
 
 def _annotate(answer: str, pool: list[str], rng: random.Random) -> list[str]:

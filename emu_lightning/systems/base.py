@@ -73,9 +73,9 @@ class EmuSystem(L.LightningModule):
         """(n,3,H,W) → (n,N,D_llm) visual embeddings."""
         return self.adapter(self.encoder(pixels))
 
-    def embed_multimodal(self, input_ids: Tensor, pixels: Tensor) -> Tensor:
-        """(B,T) ids + images → (B,T,D_llm) embeddings with the visual rows at `<image>` positions."""
-        return scatter_visual(self.llm.embed(input_ids), input_ids, self.encode_images(pixels), self.ids.image)
+    def embed_multimodal(self, input_ids: Tensor, visual: Tensor) -> Tensor:
+        """(B,T) ids + (n,N,D_llm) visual embeddings → (B,T,D_llm) with the visual rows at `<image>` positions."""
+        return scatter_visual(self.llm.embed(input_ids), input_ids, visual, self.ids.image)
 
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
         # Only top-level tensors move; references, ids and scene records (frozen dataclasses) stay as they are.

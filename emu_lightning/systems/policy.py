@@ -43,7 +43,9 @@ class StagePolicy:
         self.check(parts)
         for name, module in parts.items():
             if name not in self.trainable:
-                module.requires_grad_(False)
+                # eval(): Lightning's fit never calls module.train(), it only restores the modes it found,
+                # so a frozen part put in eval here keeps dropout / drop-path off for the whole run.
+                module.requires_grad_(False).eval()
 
     def param_groups(self, parts: dict[str, nn.Module]) -> list[dict]:
         """One decay and one no-decay group per trainable part, each tagged with its part name."""

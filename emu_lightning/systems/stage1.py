@@ -34,9 +34,11 @@ class Stage1System(EmuSystem):
         self.eval_samples: dict[str, list] = {}   # set → [(image, caption, reference)]
         self.truncated_total = 0
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor) -> Tensor:
-        """(B,T) ids, (B,T) mask, (B,3,H,W) images → (B,T,V) logits."""
-        hidden, _ = self.llm(self.embed_multimodal(input_ids, pixel_values), attention_mask)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,
+                visual: Tensor | None = None) -> Tensor:
+        """(B,T) ids, (B,T) mask, (B,3,H,W) images or their (B,N,D_llm) embeddings → (B,T,V) logits."""
+        visual = self.encode_images(pixel_values) if visual is None else visual
+        hidden, _ = self.llm(self.embed_multimodal(input_ids, visual), attention_mask)
         return self.llm.logits(hidden)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -48,9 +50,11 @@ class Stage1System(EmuSystem):
         return losses["loss"]
 
     @torch.no_grad()
-    def caption(self, pixel_values: Tensor, prompt_ids: Tensor, num_beams: int = 1) -> list[str]:
-        """Decode one caption per image from the `<s>[IMG]<image>×N[/IMG]` prompt."""
-        embeds = self.embed_multimodal(prompt_ids, pixel_values)
+    def caption(self, pixel_values: Tensor | None, prompt_ids: Tensor, num_beams: int = 1,
+                visual: Tensor | None = None) -> list[str]:
+        """Decode one caption per image (or per precomputed (B,N,D_llm) embedding) from `<s>[IMG]<image>×N[/IMG]`."""
+        visual = self.encode_images(pixel_values) if visual is None else visual
+        embeds = self.embed_multimodal(prompt_ids, visual)
         mask = torch.ones(prompt_ids.shape, dtype=torch.long, device=prompt_ids.device)
         out = self.llm.generate(embeds, mask, max_new_tokens=self.max_new_tokens, num_beams=num_beams,
                                 eos_token_id=self.ids.eos, pad_token_id=self.ids.pad)
@@ -59,11 +63,12 @@ class Stage1System(EmuSystem):
     def _eval_step(self, batch: dict, names: list[str], dataloader_idx: int) -> None:
         name = names[dataloader_idx]
         B = len(batch["ids"])
-        losses = text_loss(self(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]), batch["labels"])
+        visual = self.encode_images(batch["pixel_values"])  # (B,N,D_llm), shared by the loss and every decode
+        losses = text_loss(self(batch["input_ids"], batch["attention_mask"], visual=visual), batch["labels"])
         self.log_losses(losses, name, B)
         decodes = {"greedy": 1} | ({"beam": self.num_beams} if self.num_beams > 1 else {})
         for decode, beams in decodes.items():
-            preds = self.caption(batch["pixel_values"], batch["prompt_ids"], beams)
+            preds = self.caption(None, batch["prompt_ids"], beams, visual=visual)
             self._metric(f"{name}_{decode}_cider", CIDErD).update(preds, batch["captions"])
             if "scenes" in batch:
                 self._metric(f"{name}_{decode}_attr", SceneAttributeAccuracy).update(preds, batch["scenes"])
