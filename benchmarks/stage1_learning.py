@@ -3,6 +3,7 @@ val split and the held-out color-shape split with CIDEr-D and attribute accuracy
 
     python benchmarks/stage1_learning.py --recipe recipes/debug/stage1_cformer.yaml --steps 6000 --threads 1
     python benchmarks/stage1_learning.py --report    # table of every finished run in benchmarks/out/
+    python benchmarks/stage1_learning.py --recipe ... --name NAME --ckpt PATH   # re-score a finished run
 
 Each run writes benchmarks/out/<name>.json (metrics, steps, wall time, steps/s) and its TensorBoard logs
 under benchmarks/out/runs/<name>.
@@ -22,7 +23,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
 COLUMNS = ["cider_greedy", "shape_acc_greedy", "color_acc_greedy", "size_acc_greedy", "position_acc_greedy",
-           "all_acc_greedy", "cider_beam", "shape_acc_beam", "color_acc_beam"]
+           "all_acc_greedy", "count_acc_greedy", "pair_shape_acc_greedy", "pair_color_acc_greedy",
+           "cider_beam", "shape_acc_beam", "color_acc_beam"]
 
 
 def overlay(name: str, steps: int, eval_size: int, val_every: int) -> Path:
@@ -56,9 +58,24 @@ def run(recipe: str, steps: int, threads: int, eval_size: int, name: str | None,
                     "--data.init_args.num_workers", "1", *extra])
     wall = time.time() - start
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-    result = {"name": name, "recipe": recipe, "steps": cli.trainer.global_step, "overrides": extra, "wall_s": round(wall, 1),
+    result = {"name": name, "recipe": recipe, "steps": cli.trainer.global_step,
+              "overrides": extra, "wall_s": round(wall, 1),
               "steps_per_s": round(cli.trainer.global_step / wall, 2), "threads": threads, "eval_size": eval_size,
               "date": time.strftime("%Y-%m-%d"), "machine": machine(), "metrics": metrics}
+    (OUT / f"{name}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def rescore(recipe: str, name: str, ckpt: str, threads: int, eval_size: int, extra: list[str]) -> dict:
+    """Validate a finished run's checkpoint with the current code; the metrics replace those in NAME.json."""
+    from emu_lightning.cli import cli_main
+
+    torch.set_num_threads(threads)
+    result = json.loads((OUT / f"{name}.json").read_text())
+    cli = cli_main(["validate", "--config", recipe, "--config", str(overlay(name + "_rescore", 1, eval_size, 1)),
+                    "--ckpt_path", ckpt, *extra])
+    result["metrics"] = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    result["rescored_from"] = ckpt
     (OUT / f"{name}.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -83,8 +100,11 @@ def main() -> None:
     p.add_argument("--eval-size", type=int, default=256)
     p.add_argument("--name")
     p.add_argument("--report", action="store_true")
+    p.add_argument("--ckpt", help="re-score this checkpoint of run --name instead of training")
     a, extra = p.parse_known_args()  # anything else is a CLI override, e.g. --data.init_args.batch_size 16
-    if not a.report:
+    if a.ckpt:
+        rescore(a.recipe, a.name, a.ckpt, a.threads, a.eval_size, extra)
+    elif not a.report:
         r = run(a.recipe, a.steps, a.threads, a.eval_size, a.name, extra)
         print(json.dumps({k: v for k, v in r.items() if k != "metrics"}))
     print(report())

@@ -37,7 +37,8 @@ def tiny_datamodule(system: Stage1System, train_size: int = 64, eval_size: int =
     def ds(split, n):
         return SyntheticCaptions(split=split, size=n, image_size=IMAGE_SIZE)
 
-    return CaptionDataModule(train=ds("train", train_size), val={"val": ds("val", eval_size), "heldout": ds("heldout", eval_size)},
+    return CaptionDataModule(train=ds("train", train_size),
+                             val={"val": ds("val", eval_size), "heldout": ds("heldout", eval_size)},
                              test={"test": ds("test", eval_size)}, image_size=IMAGE_SIZE, batch_size=batch_size,
                              eval_batch_size=eval_size, tokenizer=system.tokenizer,
                              num_image_tokens=system.num_image_tokens)

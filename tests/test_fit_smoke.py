@@ -43,6 +43,9 @@ def test_cli_fit_logs_and_resumes(recipe, tmp_path, monkeypatch):
     logdir = tmp_path / "runs" / "smoke" / "version_0"
     last = logdir / "checkpoints" / "last.ckpt"
     assert last.is_file()
+    from emu_lightning.data.tokenizer import load_tokenizer
+
+    assert load_tokenizer(str(logdir / "tokenizer")).get_vocab() == cli.model.tokenizer.get_vocab()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

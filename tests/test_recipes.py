@@ -37,7 +37,8 @@ def test_debug_recipes_differ_only_in_adapter():
 def test_real_size_recipe_builds_on_meta(recipe):
     # Real weights and shards are not on this machine: the test points the local paths at nothing (random
     # init, synthetic tokenizer) and keeps the recipe's architecture; meta tensors allocate no memory.
-    overrides = ["--model.init_args.tokenizer", "null", "--data.init_args.train", "null", "--data.init_args.val", "null",
+    overrides = ["--model.init_args.tokenizer", "null", "--data.init_args.train", "null",
+                 "--data.init_args.val", "null",
                  "--data.init_args.test", "null", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
                  "--trainer.strategy", "auto", "--trainer.logger", "false"]
     with torch.device("meta"):

@@ -25,7 +25,8 @@ def t5_decoder_config(d_model: int, num_layers: int, num_heads: int, d_ff: int, 
         vocab_size=1, d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff, num_layers=num_layers,
         num_decoder_layers=num_layers, num_heads=num_heads, dropout_rate=dropout, feed_forward_proj="relu",
         relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
-        is_decoder=True, is_encoder_decoder=False, eos_token_id=None, pad_token_id=0, use_cache=False, tie_word_embeddings=False,
+        is_decoder=True, is_encoder_decoder=False, eos_token_id=None, pad_token_id=0, use_cache=False,
+        tie_word_embeddings=False,
         attn_implementation="sdpa",
     )
 

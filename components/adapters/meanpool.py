@@ -39,7 +39,8 @@ class MeanPoolProjector(nn.Module):
         if side * side != L:
             raise ValueError(f"MeanPoolProjector needs a square patch grid with the CLS dropped; got L={L} tokens")
         if side < self.grid:
-            raise ValueError(f"MeanPoolProjector cannot pool a {side}×{side} grid (L={L}) up to {self.grid}×{self.grid}")
+            raise ValueError(f"MeanPoolProjector cannot pool a {side}×{side} grid (L={L}) "
+                             f"up to {self.grid}×{self.grid}")
         # Non-divisible sides fall back to adaptive (overlapping) windows; Emu2 uses k = s = side/grid.
         x = feats.transpose(1, 2).reshape(B, D, side, side)    # (B,D_enc,s,s): row-major patch grid
         x = F.adaptive_avg_pool2d(x, self.grid)                 # (B,D_enc,g,g)

@@ -48,7 +48,8 @@ __all__ = [
     "BACKGROUNDS", "COLORS", "HELDOUT_PAIRS", "POSITIONS", "SHAPES", "SIZES", "SPLITS", "SYNONYMS",
     "NUM_FRAMES",
     "Obj", "Scene", "SyntheticCaptions", "SyntheticDocuments", "SyntheticVQA", "SyntheticVideos",
-    "attribute_accuracy", "caption_corpus", "describe_object", "describe_scene", "in_split", "object_hits", "parse_caption",
+    "attribute_accuracy", "caption_corpus", "describe_object", "describe_scene", "in_split", "object_hits",
+    "parse_caption",
     "render", "render_placed", "sample_scene", "scene_bucket",
 ]  # fmt: skip
 

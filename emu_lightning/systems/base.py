@@ -6,6 +6,7 @@ Components arrive already built (LightningCLI instantiates them from the recipe'
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -60,6 +61,11 @@ class EmuSystem(L.LightningModule):
     @property
     def num_image_tokens(self) -> int:
         return self.adapter.num_tokens
+
+    def on_fit_start(self) -> None:
+        # The run keeps its tokenizer beside its logs: `tokenizer: <log_dir>/tokenizer` reloads it exactly.
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            self.tokenizer.save_pretrained(str(Path(self.trainer.log_dir) / "tokenizer"))
 
     def train(self, mode: bool = True) -> EmuSystem:
         # Frozen parts stay in eval mode (no dropout, fixed norms) even while the system trains.
