@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from emu_lightning.data.tokens import SpecialIds
 
@@ -69,6 +68,3 @@ class CaptionCollator:
             batch["scenes"] = [s["scene"] for s in samples]
         return batch
 
-
-def batch_size_of(batch: dict[str, Tensor]) -> int:
-    return batch["input_ids"].shape[0]
