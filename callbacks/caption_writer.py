@@ -25,7 +25,6 @@ class CaptionWriter(BasePredictionWriter):
         if trainer.world_size > 1:
             path = path.with_suffix(f".rank{trainer.global_rank}.jsonl")
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.written = path
         self._file = path.open("w")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):

@@ -66,11 +66,12 @@ def test_cli_fit_logs_and_resumes(recipe, tmp_path, monkeypatch):
     assert all(isinstance(r["caption"], str) and r["id"].startswith("synth-") for r in rows)
 
 
-def test_stage1_loss_falls():
+def test_stage1_loss_falls(tmp_path, monkeypatch):
     """100 steps on 64 fixed scenes (≈ 12 epochs): the caption CE must fall to under half its start.
 
     At this size the fall is the caption language being learnt; that the model reads the images is
     measured by the learning benchmark (attribute accuracy), which takes minutes, not seconds."""
+    monkeypatch.chdir(tmp_path)
     L.seed_everything(0)
     system = tiny_stage1(lr=2e-3, warmup=0.0)
     dm = tiny_datamodule(system, train_size=64, batch_size=8)
@@ -86,6 +87,7 @@ def test_stage1_loss_falls():
     start, end = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
     assert end < 0.5 * start, (start, end)
     assert torch.isfinite(torch.tensor(losses)).all()
+    assert list(tmp_path.iterdir()) == []  # logger=False: nothing (e.g. the tokenizer) lands in the working dir
 
 
 def test_cli_fit_on_real_format_data(tmp_path, monkeypatch):

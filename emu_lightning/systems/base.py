@@ -64,7 +64,8 @@ class EmuSystem(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # The run keeps its tokenizer beside its logs: `tokenizer: <log_dir>/tokenizer` reloads it exactly.
-        if self.trainer.is_global_zero and self.trainer.log_dir:
+        # Without a logger there is no run directory (log_dir would fall back to the working directory).
+        if self.trainer.is_global_zero and self.trainer.logger is not None and self.trainer.log_dir:
             self.tokenizer.save_pretrained(str(Path(self.trainer.log_dir) / "tokenizer"))
 
     def train(self, mode: bool = True) -> EmuSystem:
