@@ -25,7 +25,7 @@ class SampleLog(L.Callback):
             exp = logger.experiment
             if not hasattr(exp, "add_text"):
                 continue
-            for name, samples in pl_module.eval_samples.items():
+            for name, samples in getattr(pl_module, "eval_samples", {}).items():
                 if not samples:
                     continue
                 images = denormalize(torch.stack([s[0] for s in samples]).float())

@@ -44,6 +44,8 @@ class CausalLM(Protocol):
 
     def logits(self, hidden: Tensor) -> Tensor: ...     # (B,T,D_llm) -> (B,T,V)
 
+    def new_cache(self) -> Any: ...                     # an empty KV cache for incremental decoding
+
     def resize_vocab(self, size: int) -> None: ...      # new rows = mean embedding (spec §2)
 
     def generate(self, embeds: Tensor, mask: Tensor, **kwargs: Any) -> Tensor: ...

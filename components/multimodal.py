@@ -17,6 +17,18 @@ def count_image_runs(input_ids: Tensor, image_token_id: int) -> int:
     return int(starts.sum())
 
 
+def image_run_index(input_ids: Tensor, image_token_id: int) -> Tensor:
+    """(B,T) index of the image each `<image>` position belongs to, counted row-major over the batch; -1 elsewhere.
+
+    This is the order in which `scatter_visual` consumes images, so it maps positions to `visual` rows.
+    """
+    is_img = input_ids == image_token_id                          # (B,T)
+    starts = is_img.clone()
+    starts[:, 1:] &= ~is_img[:, :-1]
+    run = starts.flatten().cumsum(0).view_as(input_ids) - 1       # (B,T) running count of runs, row-major
+    return run.masked_fill(~is_img, -1)
+
+
 def scatter_visual(embeds: Tensor, input_ids: Tensor, visual: Tensor, image_token_id: int) -> Tensor:
     """Return `embeds` with `<image>` rows replaced by `visual`, image by image, token by token.
 

@@ -42,3 +42,37 @@ def tiny_datamodule(system: Stage1System, train_size: int = 64, eval_size: int =
                              test={"test": ds("test", eval_size)}, image_size=IMAGE_SIZE, batch_size=batch_size,
                              eval_batch_size=eval_size, tokenizer=system.tokenizer,
                              num_image_tokens=system.num_image_tokens)
+
+
+def tiny_stage2(adapter: str = "meanpool", trainable=("adapter", "llm", "regression_head"), lr: float = 1e-3,
+                **kwargs):
+    """Stage-2 twin of `tiny_stage1`: Emu2 layout (pooled targets) for mean-pool, Emu1 (adapter space) for C-Former."""
+    from components.llm.regression_head import RegressionHead
+    from emu_lightning.systems.stage2 import Stage2System
+
+    policy = StagePolicy(trainable=list(trainable), lr={k: lr for k in trainable})
+    llm = LlamaLM(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, vocab_size=128)
+    space = "pooled" if adapter == "meanpool" else "adapter"
+    head = RegressionHead(64, 64)
+    return Stage2System(tiny_encoder(), tiny_adapter(adapter), llm, policy=policy, regression_head=head,
+                        target_space=space, **kwargs)
+
+
+def tiny_stage2_datamodule(system, batch_size: int = 6, eval_size: int = 4, **kwargs):
+    from emu_lightning.data import synthetic as syn
+    from emu_lightning.data.multimodal_datamodule import MultimodalDataModule
+
+    def ds(cls, split, n):
+        return cls(split=split, size=n, image_size=IMAGE_SIZE)
+
+    train = {"pairs": ds(syn.SyntheticCaptions, "train", 64), "documents": ds(syn.SyntheticDocuments, "train", 32),
+             "videos": ds(syn.SyntheticVideos, "train", 16), "storyboards": ds(syn.SyntheticVideos, "train", 16)}
+    evals = {"captions": ds(syn.SyntheticCaptions, "val", eval_size), "vqa": ds(syn.SyntheticVQA, "val", eval_size),
+             "videos": ds(syn.SyntheticVideos, "val", eval_size)}
+    demos = {"captions": ds(syn.SyntheticCaptions, "train", 16), "vqa": ds(syn.SyntheticVQA, "train", 16),
+             "videos": ds(syn.SyntheticVideos, "train", 8)}
+    args = dict(train=train, weights={"pairs": 3, "documents": 1, "videos": 1, "storyboards": 1},
+                layouts={"storyboards": "storyboard"}, val=evals, test=evals, demos=demos, image_size=IMAGE_SIZE,
+                batch_size=batch_size, eval_batch_size=eval_size, max_length=160, num_frames=4,
+                tokenizer=system.tokenizer, num_image_tokens=system.num_image_tokens)
+    return MultimodalDataModule(**{**args, **kwargs})

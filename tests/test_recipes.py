@@ -41,6 +41,9 @@ def test_real_size_recipe_builds_on_meta(recipe):
                  "--data.init_args.val", "null",
                  "--data.init_args.test", "null", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
                  "--trainer.strategy", "auto", "--trainer.logger", "false"]
+    if "stage2" in recipe.name:  # the real sources' names go with them
+        overrides += ["--data.init_args.weights", "null", "--data.init_args.layouts", "null",
+                      "--data.init_args.demos", "null"]
     with torch.device("meta"):
         cli = cli_main(["--config", str(recipe), *overrides], run=False)
     n = sum(p.numel() for p in cli.model.parameters())
@@ -48,12 +51,26 @@ def test_real_size_recipe_builds_on_meta(recipe):
     m = cli.model
     # EMU_SPEC §1: Emu1 = EVA-CLIP-g (1408, 16×16 + CLS = 257 tokens) → 32 C-Former queries → LLaMA-13B (5120);
     # Emu2 = EVA-E-plus (1792, CLS dropped) → 8×8 = 64 pooled tokens → LLaMA-33B (6656).
+    # Emu2 stage 2 runs at 448 px: a 32×32 grid (1024 tokens) pooled with k = s = 4 to the same 8×8.
     expected = {"emu1": (1408, 257, 32, 5120, 40), "emu2": (1792, 256, 64, 6656, 60)}[recipe.parent.name]
+    if recipe.parent.name == "emu2" and "stage2" in recipe.name:
+        expected = (1792, 1024, 64, 6656, 60)
     got = (m.encoder.embed_dim, m.encoder.num_tokens, m.adapter.num_tokens, m.llm.hidden_dim,
            m.llm.model.config.num_hidden_layers)
     assert got == expected
     assert cli.datamodule.num_image_tokens == expected[2]
     assert n > 13e9 if recipe.parent.name == "emu1" else n > 32e9, n
+    if "stage2" in recipe.name:  # the regression head's width is the target space's (spec §1)
+        head = {"emu1": (5120, 5120), "emu2": (6656, 1792)}[recipe.parent.name]
+        assert (m.regression_head.in_dim, m.regression_head.out_dim) == head
+        assert "encoder" not in m.policy.trainable
+
+
+def test_stage2_debug_recipes_differ_only_in_adapter_head_and_targets():
+    a = (RECIPES / "debug" / "stage2_cformer.yaml").read_text().splitlines()
+    b = (RECIPES / "debug" / "stage2_meanpool.yaml").read_text().splitlines()
+    diff = [x.split(":")[0].strip() for x, y in zip(a, b) if x != y and not x.startswith("#")]
+    assert len(a) == len(b) and diff == ["adapter", "regression_head", "target_space"]
 
 
 def test_unknown_recipe_key_names_the_key(tmp_path, capsys):

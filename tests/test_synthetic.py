@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -28,6 +29,7 @@ from emu_lightning.data.synthetic import (
     caption_corpus,
     describe_scene,
     has_heldout_pair,
+    make_video_qa,
     parse_caption,
     render,
     sample_scene,
@@ -203,6 +205,97 @@ def test_documents_and_videos() -> None:
     assert "moves" in v["subtitles"][0] and v["subtitles"][0] == v["subtitles"][3]
     held = SyntheticVideos("heldout", 20)
     assert all(any(f"{c} {s}" in held[i]["subtitles"][0] for c, s in HELDOUT_PAIRS) for i in range(20))
+
+
+# sha256 of the 8 frames' bytes then repr(subtitles), seed 0, 64 px, computed before video QA existed:
+# adding the question must not move a single draw of the clip.
+VIDEO_DIGESTS = {
+    "train": ["da6962760ddc73ac8680bc5e841e56570f554885c83d7ef3304475f9811d7069",
+              "e7f179cd3cdb743e46b31ffe048242e52c81b4c69ded51f28cedd09f28244ea9",
+              "0fa2e893751135714c5ea40bf98f3637cfaf6d348d849da24cd3f7138bcc325d",
+              "43c167c2195e36fa57e29bbe84f6fb4805046f2ee47984f68b9775f72f19da69"],
+    "heldout": ["d3a9f148eaeab14032ef4c292c5a596e0b20e6f0ef0c60ec334132e6e0cc5bfe",
+                "2f0b5f3ef7d189530028edee4bfb32a039e28b22790ba1ecd3ab8f4400b411d3",
+                "fbf359a68d00f2882c2b792a068b27c389c6fd870674c32b276432b4e4451555",
+                "13784c6cf88fb19bb33366a2a54e5e9f29eb5bb8144e946354239e1f45ac99c4"],
+}  # fmt: skip
+_MOTION_WORD = {"to the right": "right", "to the left": "left", "up": "up", "down": "down"}
+_CLAUSE = re.compile(r"the (\w+) (\w+) (\w+) moves (to the right|to the left|up|down)")
+
+
+@pytest.mark.parametrize("split", sorted(VIDEO_DIGESTS))
+def test_video_frames_and_subtitles_unchanged_by_qa(split: str) -> None:
+    ds = SyntheticVideos(split, 10)
+    for i, expected in enumerate(VIDEO_DIGESTS[split]):
+        item, h = ds[i], hashlib.sha256()
+        for frame in item["frames"]:
+            h.update(frame.tobytes())
+        h.update(repr(item["subtitles"]).encode())
+        assert h.hexdigest() == expected, f"{split} item {i}"
+
+
+def _segments(subtitles: list[str]) -> list[list[tuple[str, str, str, str]]]:
+    """Per segment, the ``(size, color, shape, direction)`` clauses of its subtitle."""
+    return [[(z, c, s, _MOTION_WORD[m]) for z, c, s, m in _CLAUSE.findall(subtitles[t])]
+            for t in (0, NUM_FRAMES - 1)]  # fmt: skip
+
+
+def _expected_answer(question: str, segments: list[list[tuple[str, str, str, str]]]) -> str:
+    """The answer read off the subtitles; asserts the question's description fits exactly one object."""
+    if question == "how many shapes are moving?":
+        return str(len(segments[0]))
+    if m := re.fullmatch(r"which way does the (\w+) (\w+) (\w+) move (first|at the end)\?", question):
+        k = 0 if m[4] == "first" else 1
+        hits = [c[3] for c in segments[k] if c[:3] == (m[1], m[2], m[3])]
+    elif m := re.fullmatch(r"what color is the moving (\w+)\?", question):
+        hits = [c[1] for c in segments[0] if c[2] == m[1]]
+    elif m := re.fullmatch(r"what color is the (\w+) that moves (to the right|to the left|up|down) "
+                           r"(first|at the end)\?", question):  # fmt: skip
+        k = 0 if m[3] == "first" else 1
+        hits = [c[1] for c in segments[k] if c[2] == m[1] and c[3] == _MOTION_WORD[m[2]]]
+    else:
+        raise AssertionError(f"unexpected question {question!r}")
+    assert len(hits) == 1, f"{question!r} fits {len(hits)} objects of {segments}"
+    return hits[0]
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_video_qa_answers_follow_the_motion(split: str) -> None:
+    ds = SyntheticVideos(split, 300, image_size=16)
+    items = [ds[i] for i in range(300)]
+    assert set(items[0]) == {"id", "frames", "subtitles", "question", "answers"}
+    questions = [it["question"] for it in items]
+    for prefix in ("which way does", "what color is the moving", "how many shapes"):  # every kind occurs
+        assert any(q.startswith(prefix) for q in questions), prefix
+    for kind, when in (("which way", "first?"), ("which way", "at the end?"), ("what color", "first?"),
+                       ("what color", "at the end?")):  # fmt: skip
+        assert any(q.startswith(kind) and q.endswith(when) for q in questions), (kind, when)
+    vocab = {"right", "left", "up", "down", "1", "2", "one", "two", *COLORS, "violet"}
+    for it in items:
+        assert len(it["answers"]) == 10 and set(it["answers"]) <= vocab
+        majority = max(set(it["answers"]), key=it["answers"].count)
+        assert majority == _expected_answer(it["question"], _segments(it["subtitles"])), it["question"]
+
+
+def test_video_qa_is_deterministic_and_unambiguous() -> None:
+    a, b = SyntheticVideos("val", 20, image_size=16), SyntheticVideos("val", 20, image_size=16)
+    assert [(a[i]["question"], a[i]["answers"]) for i in range(20)] == [
+        (b[i]["question"], b[i]["answers"]) for i in range(20)
+    ]
+    # Twin objects: no which-way question (their description is shared); colour only by a distinct motion.
+    objs, directions = [("circle", "red", "small")] * 2, [["up", "left"], ["down", "left"]]
+    seen = {make_video_qa(objs, directions, random.Random(s))[0] for s in range(200)}
+    assert seen == {"how many shapes are moving?", "what color is the circle that moves up first?",
+                    "what color is the circle that moves down first?"}  # fmt: skip
+    # Same shape and motion throughout, different colours: no colour question picks one star out.
+    objs, directions = [("star", "red", "small"), ("star", "blue", "small")], [["up", "up"], ["up", "up"]]
+    seen = {make_video_qa(objs, directions, random.Random(s))[0] for s in range(100)}
+    assert seen == {"how many shapes are moving?", "which way does the small red star move first?",
+                    "which way does the small red star move at the end?",
+                    "which way does the small blue star move first?",
+                    "which way does the small blue star move at the end?"}  # fmt: skip
+    with pytest.raises(ValueError, match="2 objects but 1 direction lists"):
+        make_video_qa(objs, directions[:1], random.Random(0))
 
 
 def test_render_sizes_and_colors_visible() -> None:

@@ -34,6 +34,10 @@ class MeanPoolProjector(nn.Module):
 
     def forward(self, feats: Tensor) -> Tensor:
         """(B,L,D_enc) -> (B,grid²,D_llm)."""
+        return self.project_up(self.pool(feats))
+
+    def pool(self, feats: Tensor) -> Tensor:
+        """(B,L,D_enc) -> (B,grid²,D_enc): the pooled EVA tokens, Emu2's regression targets (spec §2)."""
         B, L, D = feats.shape
         side = math.isqrt(L)
         if side * side != L:
@@ -44,5 +48,4 @@ class MeanPoolProjector(nn.Module):
         # Non-divisible sides fall back to adaptive (overlapping) windows; Emu2 uses k = s = side/grid.
         x = feats.transpose(1, 2).reshape(B, D, side, side)    # (B,D_enc,s,s): row-major patch grid
         x = F.adaptive_avg_pool2d(x, self.grid)                 # (B,D_enc,g,g)
-        x = x.flatten(2).transpose(1, 2)                        # (B,g²,D_enc): row-major again
-        return self.project_up(x)                               # (B,g²,D_llm)
+        return x.flatten(2).transpose(1, 2)                     # (B,g²,D_enc): row-major again

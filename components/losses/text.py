@@ -5,6 +5,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def token_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """(B,T,V) logits, (B,T) labels → (B,T-1) CE of each next-token prediction; 0 where the label is -100."""
+    pred = logits[:, :-1].float()                 # (B,T-1,V): position t predicts token t+1
+    return F.cross_entropy(pred.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+
+
 def text_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
     """Mean CE over the target tokens of a batch.
 

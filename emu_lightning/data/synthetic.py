@@ -37,6 +37,7 @@ from emu_lightning.data.synthetic_text import (
     document_story,
     has_heldout_pair,
     make_captions,
+    make_video_qa,
     make_vqa,
     object_hits,
     parse_caption,
@@ -253,7 +254,8 @@ class SyntheticVideos(_SyntheticDataset):
     """8-frame clips of 1-2 shapes moving in two segments, one subtitle per frame.
 
     Frames 0-3 share the first segment's subtitle and 4-7 the second's (merge adjacent duplicates
-    for YT-Storyboard layouts). Returns ``{"id", "frames" (8), "subtitles" (8)}``.
+    for YT-Storyboard layouts). One motion question per clip (see `make_video_qa`). Returns
+    ``{"id", "frames" (8), "subtitles" (8), "question", "answers" (10 annotators)}``.
     """
 
     kind = "videos"
@@ -293,7 +295,11 @@ class SyntheticVideos(_SyntheticDataset):
             for t in range(NUM_FRAMES)
         ]  # fmt: skip
         subtitles = video_subtitles(objs, directions, NUM_FRAMES)
-        return {"id": self._id(index), "frames": frames, "subtitles": subtitles}
+        # A separate, string-seeded RNG drawn last: frames and subtitles stay what they were before QA.
+        question, answers = make_video_qa(objs, directions, random.Random(f"{self._id(index)}-qa"))
+        return {
+            "id": self._id(index), "frames": frames, "subtitles": subtitles, "question": question, "answers": answers
+        }  # fmt: skip
 
 
 def caption_corpus(seed: int = 0, n: int = 2000) -> Iterator[str]:

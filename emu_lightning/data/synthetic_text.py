@@ -2,7 +2,7 @@
 
 The leaf module of ``synthetic.py`` (which re-exports everything here): vocabulary constants,
 ``Obj``/``Scene``, and the text side (reference captions, their parser and the attribute
-accuracy metric, VQA items with 10 annotators, story sentences, video subtitles).
+accuracy metric, VQA items with 10 annotators, story sentences, video subtitles and video QA).
 
 Caption grammar, which ``parse_caption`` inverts: ``FRAME + objects + "."`` where objects are
 joined by ", " and " and " and each object phrase names size, color, shape and position with no
@@ -317,6 +317,58 @@ def video_subtitles(
         for k in range(2)
     ]
     return [segments[0] if t < num_frames // 2 else segments[1] for t in range(num_frames)]
+
+
+_WHEN = ("first", "at the end")  # segment 1 (frames 0-3), segment 2 (frames 4-7)
+
+
+def make_video_qa(
+    objs: list[tuple[str, str, str]], directions: list[list[str]], rng: random.Random
+) -> tuple[str, list[str]]:
+    """One question about a clip's motion and its 10 annotator answers (single words).
+
+    Kinds, drawn uniformly among those the clip can answer unambiguously (each description in a
+    question fits exactly one object):
+    "which way does the {size} {color} {shape} move first?" / "... move at the end?" (right, left,
+    up, down); "what color is the moving {shape}?" or "what color is the {shape} that moves
+    {motion} first?" / "... at the end?" (a colour); "how many shapes are moving?" (1 or 2).
+
+    Args:
+        objs: ``(shape, color, size)`` per object, as for `video_subtitles`.
+        directions: per object, the direction ("right", "left", "up", "down") of each of the two segments.
+        rng: a question-only RNG, so the clip's own draws are untouched.
+    """
+    if len(objs) != len(directions) or not objs:
+        raise ValueError(f"make_video_qa: {len(objs)} objects but {len(directions)} direction lists; need equal, > 0")
+
+    def unique(shape: str, segment: int | None = None, direction: str | None = None) -> bool:
+        """Whether exactly one object is a ``shape`` (moving ``direction`` in ``segment``, if given)."""
+        return sum(
+            o[0] == shape and (segment is None or d[segment] == direction) for o, d in zip(objs, directions)
+        ) == 1
+
+    # Per object: the segments a which-way question may ask about (its full description must be
+    # unique), and the colour questions that name it alone (by shape, or shape and a motion).
+    ways = {i: [0, 1] if objs.count(objs[i]) == 1 else [] for i in range(len(objs))}
+    colors = {}
+    for i, ((shape, _, _), dirs) in enumerate(zip(objs, directions)):
+        colors[i] = [f"what color is the moving {shape}?"] if unique(shape) else []
+        colors[i] += [
+            f"what color is the {shape} that moves {_MOTION[dirs[k]]} {_WHEN[k]}?"
+            for k in range(2) if unique(shape, k, dirs[k])
+        ]  # fmt: skip
+    kinds = ["count"] + [name for name, table in (("way", ways), ("color", colors)) if any(table.values())]
+    kind = rng.choice(kinds)
+    if kind == "count":
+        return "how many shapes are moving?", _annotate(str(len(objs)), ["1", "2"], rng)
+    if kind == "way":
+        i = rng.choice([i for i in ways if ways[i]])
+        k = rng.choice(ways[i])
+        shape, color, size = objs[i]
+        question = f"which way does the {size} {color} {shape} move {_WHEN[k]}?"
+        return question, _annotate(directions[i][k], list(_MOTION), rng)
+    i = rng.choice([i for i in colors if colors[i]])
+    return rng.choice(colors[i]), _annotate(objs[i][1], list(COLORS), rng)
 
 
 def vocabulary_sentences() -> list[str]:

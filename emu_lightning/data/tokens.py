@@ -27,11 +27,12 @@ class SpecialIds:
     img: int
     img_end: int
     image: int
+    video: int
 
     @classmethod
     def from_tokenizer(cls, tok) -> SpecialIds:
         ids = {name: tok.convert_tokens_to_ids(s) for name, s in
-               dict(bos=BOS, eos=EOS, pad=PAD, img=IMG, img_end=IMG_END, image=IMAGE).items()}
+               dict(bos=BOS, eos=EOS, pad=PAD, img=IMG, img_end=IMG_END, image=IMAGE, video=VIDEO).items()}
         missing = [name for name, i in ids.items() if i is None or i == tok.unk_token_id]
         if missing:
             raise ValueError(f"tokenizer lacks special tokens {missing}; load it with emu_lightning.data.tokenizer")

@@ -37,14 +37,19 @@ class EmuSystem(L.LightningModule):
         optimizer: optimizer factory taking parameter groups (AdamW β (.9,.95), eps 1e-6 by default).
         warmup: fraction of the run spent in linear warmup before cosine decay.
         min_lr_ratio: floor of the cosine schedule, as a fraction of each group's peak lr.
+        extra_parts: further named parts a stage adds (stage 2: the regression head); set by subclasses.
     """
 
     def __init__(self, encoder: VisualEncoder, adapter: Adapter, llm: CausalLM, tokenizer: str | None = None,
                  policy: StagePolicy | None = None, optimizer: OptimizerCallable = _adamw,
-                 warmup: float = 0.02, min_lr_ratio: float = 0.1):
+                 warmup: float = 0.02, min_lr_ratio: float = 0.1, extra_parts: dict[str, nn.Module] | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["encoder", "adapter", "llm", "optimizer"])
+        self.save_hyperparameters(ignore=["encoder", "adapter", "llm", "optimizer", "extra_parts",
+                                          "regression_head"])
         self.encoder, self.adapter, self.llm = encoder, adapter, llm
+        self._extra_parts = list(extra_parts or {})
+        for name, module in (extra_parts or {}).items():
+            setattr(self, name, module)
         self.tokenizer = load_tokenizer(tokenizer)
         self.ids = SpecialIds.from_tokenizer(self.tokenizer)
         if llm.vocab_size != len(self.tokenizer):
@@ -56,7 +61,8 @@ class EmuSystem(L.LightningModule):
     @property
     def parts(self) -> dict[str, nn.Module]:
         """Named parts the policy, optimizer and audit talk about."""
-        return {"encoder": self.encoder, "adapter": self.adapter, "llm": self.llm}
+        return {"encoder": self.encoder, "adapter": self.adapter, "llm": self.llm,
+                **{name: getattr(self, name) for name in self._extra_parts}}
 
     @property
     def num_image_tokens(self) -> int:
@@ -79,6 +85,11 @@ class EmuSystem(L.LightningModule):
     def encode_images(self, pixels: Tensor) -> Tensor:
         """(n,3,H,W) → (n,N,D_llm) visual embeddings."""
         return self.adapter(self.encoder(pixels))
+
+    def _names(self, kind: str) -> list[str]:
+        """Names of the datamodule's evaluation sets of `kind` ("val" / "test"), in dataloader order."""
+        dm = getattr(self.trainer, "datamodule", None)
+        return list(getattr(dm, f"{kind}_names", None) or [kind])
 
     def embed_multimodal(self, input_ids: Tensor, visual: Tensor) -> Tensor:
         """(B,T) ids + (n,N,D_llm) visual embeddings → (B,T,D_llm) with the visual rows at `<image>` positions."""

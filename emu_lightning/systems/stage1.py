@@ -95,10 +95,6 @@ class Stage1System(EmuSystem):
                     self.log(f"{name}/{attr}_acc_{decode}", acc, add_dataloader_idx=False)
             metric.reset()
 
-    def _names(self, kind: str) -> list[str]:
-        dm = getattr(self.trainer, "datamodule", None)
-        return list(getattr(dm, f"{kind}_names", None) or [kind])
-
     def on_validation_epoch_start(self) -> None:
         self.eval_samples = {}
 

@@ -1,0 +1,58 @@
+"""Autoregressive visual-embedding generation (EMU_SPEC §5): the official full-recompute loop and a KV-cached one.
+
+For k = 0..N-1 the regression head reads the hidden state of the last position (`[IMG]` at k = 0, then each
+generated `<image>`), and its output — mapped back to the LLM input space by `feedback` (Emu1: identity;
+Emu2: `project_up`) — becomes the next input embedding. The official inference re-runs the whole sequence
+for every embedding; with causal attention that work is redundant, so `generate_visual_cached` keeps the
+LLM's KV cache and feeds one embedding per step. Both return the same (B,N,D_tgt) embeddings.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from components.base import CausalLM
+
+
+def _ones(mask: Tensor, n: int = 1) -> Tensor:
+    return torch.cat([mask, mask.new_ones(mask.shape[0], n)], dim=1)
+
+
+@torch.no_grad()
+def generate_visual_cached(llm: CausalLM, head: Callable[[Tensor], Tensor], feedback: Callable[[Tensor], Tensor],
+                           embeds: Tensor, mask: Tensor, num_tokens: int) -> Tensor:
+    """KV-cached loop: one LLM step per embedding.
+
+    Args:
+        llm: causal LM whose `forward` accepts a cache.
+        head: regression head, (B,D_llm) → (B,D_tgt).
+        feedback: maps a prediction back to an input embedding, (B,D_tgt) → (B,D_llm).
+        embeds: (B,T,D_llm) prompt embeddings ending with `[IMG]` (left-padded).
+        mask: (B,T) attention mask of the prompt.
+        num_tokens: N embeddings to generate.
+
+    Returns:
+        (B,N,D_tgt) predicted visual embeddings.
+    """
+    hidden, cache = llm(embeds, mask, llm.new_cache())
+    preds = [head(hidden[:, -1])]                                  # (B,D_tgt) read at [IMG]
+    for _ in range(num_tokens - 1):
+        mask = _ones(mask)                                         # (B,T+k)
+        hidden, cache = llm(feedback(preds[-1])[:, None], mask, cache)  # one new position per step
+        preds.append(head(hidden[:, -1]))
+    return torch.stack(preds, dim=1)
+
+
+@torch.no_grad()
+def generate_visual_reference(llm: CausalLM, head: Callable[[Tensor], Tensor],
+                              feedback: Callable[[Tensor], Tensor], embeds: Tensor, mask: Tensor,
+                              num_tokens: int) -> Tensor:
+    """The official loop: a full forward pass with no cache for every generated embedding (same arguments)."""
+    preds: list[Tensor] = []
+    for k in range(num_tokens):
+        fed = [feedback(p)[:, None] for p in preds]                # k × (B,1,D_llm) generated slots
+        hidden, _ = llm(torch.cat([embeds, *fed], dim=1), _ones(mask, k) if k else mask)
+        preds.append(head(hidden[:, -1]))
+    return torch.stack(preds, dim=1)

@@ -1,0 +1,116 @@
+"""Validation and test of the multimodal stages (EMU_SPEC §6), as a mixin of a system with `losses`,
+`generate_text` and `generate_image_embeddings`.
+
+Per named evaluation set, logged as `<set>/<metric>`:
+- the teacher-forced losses (`text_loss`, `regression_loss`, `regression_cos`) on the set's deterministic layout;
+- captioning sets: few-shot CIDEr-D `cider_k{k}_{selection}` (k = 0 logs `cider_k0`), and regression quality
+  of free generation — the caption prompts `[IMG]`, N embeddings are generated with the KV cache and compared
+  with the encoder's (`gen_cos`, `gen_mse`);
+- VQA sets: `vqa_acc_k{k}_{selection}` (official normalisation, leave-one-out soft accuracy);
+- video sets with questions: `videoqa_acc_k{k}_{selection}`.
+Demonstrations come from the datamodule's `demo_pool(<set>)`: seeded random, or RICES by frozen-encoder cosine.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from emu_lightning.data.fewshot import few_shot_segments, first_answer, random_demos, rices_demos, task_of
+from emu_lightning.metrics.cider import CIDErD
+from emu_lightning.metrics.embedding import EmbeddingSimilarity
+from emu_lightning.metrics.vqa import VQAAccuracy
+
+_METRIC = {"caption": ("cider", CIDErD), "vqa": ("vqa_acc", VQAAccuracy), "videoqa": ("videoqa_acc", VQAAccuracy)}
+
+
+class MultimodalEval:
+    def _eval_metric(self, key: str, cls: type) -> nn.Module:
+        if not hasattr(self, "eval_metrics"):
+            self.eval_metrics = nn.ModuleDict()   # "<set>|<log name>" → metric, made on first use
+        if key not in self.eval_metrics:
+            self.eval_metrics[key] = cls().to(self.device)
+        return self.eval_metrics[key]
+
+    @torch.no_grad()
+    def _rices_features(self, samples: list[dict]) -> Tensor:
+        """(B,D_enc) frozen-encoder features: mean over tokens (and over frames for videos)."""
+        out = []
+        for s in samples:
+            ims = s["frames"] if "frames" in s else [s["image"]]
+            out.append(self.encoder(torch.stack(ims).to(self.device)).mean(dim=(0, 1)))
+        return torch.stack(out)
+
+    def _demos(self, name: str, samples: list[dict], k: int, selection: str, max_k: int) -> list[list[dict]]:
+        if k == 0:
+            return [[] for _ in samples]
+        pool = self.trainer.datamodule.demo_pool(name)
+        if selection == "random":
+            return [[pool[i] for i in random_demos(len(pool), k, str(s["id"]), max_k)] for s in samples]
+        if selection != "rices":
+            raise ValueError(f"demonstration selection {selection!r}; expected 'random' or 'rices'")
+        cache = self.__dict__.setdefault("_pool_features", {})  # the encoder is frozen: computed once per pool
+        if name not in cache:
+            cache[name] = torch.cat([self._rices_features(pool[i:i + 64]) for i in range(0, len(pool), 64)])
+        idx = rices_demos(self._rices_features(samples), cache[name], k)
+        return [[pool[i] for i in row.tolist()] for row in idx]
+
+    def _eval_step(self, batch: dict, name: str) -> None:
+        samples, B = batch["samples"], len(batch["samples"])
+        losses, _ = self.losses(batch)
+        self.log_losses({k: v for k, v in losses.items() if k != "loss"}, name, B)
+        task = task_of(batch["layout"], samples[0])
+        if task is not None:
+            metric_name, cls = _METRIC[task]
+            ks = self.video_shots if task == "videoqa" else self.shots
+            for k in ks:
+                for selection in ["k0"] if k == 0 else self.selection:
+                    demos = self._demos(name, samples, k, selection, max(ks))
+                    prompts = [few_shot_segments(task, d, q) for d, q in zip(demos, samples)]
+                    suffix = f"k{k}" if k == 0 else f"k{k}_{selection}"
+                    metric = self._eval_metric(f"{name}|{metric_name}_{suffix}", cls)
+                    if task == "caption":
+                        preds = self.generate_text(prompts, self.max_new_tokens, self.num_beams)
+                        metric.update(preds, [s["captions"] for s in samples])
+                        if k == 0:  # zero-shot captions for the sample-log callback
+                            kept = self.eval_samples.setdefault(name, [])
+                            kept += [(s["image"], p, s["captions"][0]) for s, p in zip(samples, preds)][:8 - len(kept)]
+                    else:
+                        preds = self.generate_text(prompts, self.answer_max_new_tokens, self.num_beams)
+                        metric.update([first_answer(p) for p in preds], [s["answers"] for s in samples])
+        if batch["layout"] == "pair":  # text → image: regress the image from its caption, compare with the encoder
+            generated = self.generate_image_embeddings([[("text", s["captions"][0])] for s in samples])
+            with torch.no_grad():
+                feats = self.encoder(batch["pixel_values"])
+                target = self.visual_targets(feats, self.adapter(feats))
+            self._eval_metric(f"{name}|gen", EmbeddingSimilarity).update(generated, target)
+
+    def _eval_epoch_end(self) -> None:
+        for key, metric in getattr(self, "eval_metrics", {}).items():
+            if not metric.update_called:  # a set of the other loop (test vs val)
+                continue
+            name, what = key.split("|")
+            value = metric.compute()
+            if isinstance(value, dict):
+                for sub, v in value.items():
+                    self.log(f"{name}/{what}_{sub}", v, add_dataloader_idx=False)
+            else:
+                self.log(f"{name}/{what}", value, add_dataloader_idx=False)
+            metric.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_samples: dict[str, list] = {}
+
+    def on_test_epoch_start(self) -> None:
+        self.eval_samples = {}
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self._names("val")[dataloader_idx])
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end()
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self._names("test")[dataloader_idx])
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end()

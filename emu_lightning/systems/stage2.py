@@ -1,0 +1,182 @@
+"""Stage 2, unified pretraining (EMU_SPEC §2, §3): next-element prediction over interleaved image-text.
+
+One LLM predicts the next element of a multimodal sequence: a word (cross-entropy on text tokens and
+`</s>`) or a visual embedding (ℓ2 regression of the regression head's output). Position t regresses the
+embedding at t+1 whenever t+1 is an `<image>` of a regressed image (t = `[IMG]`, `<image>`₁…`<image>`_{N-1});
+the targets, detached, depend on the space the decoder is trained on (`target_space`):
+
+- `adapter` (Emu1): the LLM input rows themselves — the adapter's outputs — and also the `[/IMG]` embedding,
+  predicted at `<image>`_N (33 positions for N = 32); the head maps D_llm → D_llm;
+- `pooled` (Emu2): the adapter's pooled encoder tokens (`adapter.pool`), D_enc wide; `[/IMG]` is not regressed.
+
+Loss = text_weight · CE + regression_weight · MSE, each logged by name and per data source. The encoder is
+frozen (enforced). Weights come from a stage-1 checkpoint through an explicit, verified hand-off.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from components.generation import generate_visual_cached, generate_visual_reference
+from components.llm.regression_head import RegressionHead
+from components.losses.regression import regression_loss
+from components.losses.text import token_ce
+from components.multimodal import image_run_index
+from emu_lightning.checkpointing import load_parts
+from emu_lightning.data.sequence import SequenceCollator, pad
+from emu_lightning.systems.base import EmuSystem
+from emu_lightning.systems.multimodal_eval import MultimodalEval
+
+TARGET_SPACES = ("adapter", "pooled")
+
+
+class Stage2System(MultimodalEval, EmuSystem):
+    """Unified pretraining. Arguments of `EmuSystem`, plus:
+
+    Args:
+        regression_head: LLM width → target width, no bias (Emu1 D_llm → D_llm; Emu2 `project_down` D_llm → D_enc).
+        target_space: `adapter` (Emu1) or `pooled` (Emu2); see the module docstring.
+        text_weight: weight of the text cross-entropy.
+        regression_weight: weight of the ℓ2 regression (the papers do not publish the ratio; 1:1 by default).
+        init_from: stage-1 checkpoint (Lightning `.ckpt` or state dict) to start from; None = fresh weights.
+        handoff: target part → source prefix in `init_from`; parts not named (the head) stay fresh.
+        shots: few-shot k values evaluated on captioning and VQA sets.
+        video_shots: k values evaluated on video QA sets (each video demonstration is 8 image blocks).
+        selection: how demonstrations are chosen for k > 0: `random` (seeded) and/or `rices` (nearest images).
+        max_new_tokens: longest generated caption; answers get `answer_max_new_tokens`.
+        answer_max_new_tokens: longest generated VQA answer (Emu2: 10).
+        num_beams: beams of few-shot decoding (spec: 5; 1 = greedy, the CPU default of debug recipes).
+    """
+
+    def __init__(self, *args: Any, regression_head: RegressionHead, target_space: str = "pooled",
+                 text_weight: float = 1.0, regression_weight: float = 1.0, init_from: str | None = None,
+                 handoff: dict[str, str] | None = None, shots: list[int] = (0, 2, 4, 8),
+                 video_shots: list[int] = (0, 2), selection: list[str] = ("random", "rices"),
+                 max_new_tokens: int = 48, answer_max_new_tokens: int = 10, num_beams: int = 1, **kwargs: Any):
+        super().__init__(*args, extra_parts={"regression_head": regression_head}, **kwargs)
+        if "encoder" in self.policy.trainable:
+            raise ValueError("stage 2 trains with the encoder frozen (EMU_SPEC §3): remove 'encoder' from "
+                             f"policy.trainable={self.policy.trainable}")
+        if target_space not in TARGET_SPACES:
+            raise ValueError(f"target_space={target_space!r}; expected one of {TARGET_SPACES}")
+        if target_space == "pooled" and not (hasattr(self.adapter, "pool") and hasattr(self.adapter, "project_up")):
+            raise ValueError(f"target_space='pooled' needs an adapter with pool() and project_up() (Emu2's "
+                             f"MeanPoolProjector); {type(self.adapter).__name__} has none: use 'adapter'")
+        want = self.llm.hidden_dim if target_space == "adapter" else self.adapter.in_dim
+        if regression_head.in_dim != self.llm.hidden_dim or regression_head.out_dim != want:
+            raise ValueError(f"regression_head is {regression_head.in_dim}→{regression_head.out_dim}; target_space="
+                             f"{target_space!r} needs {self.llm.hidden_dim}→{want}")
+        self.target_space, self.text_weight, self.regression_weight = target_space, text_weight, regression_weight
+        self.init_from, self.handoff = init_from, handoff or {"encoder": "encoder", "adapter": "adapter", "llm": "llm"}
+        self.handoff_report = None
+        self.shots, self.video_shots, self.selection = list(shots), list(video_shots), list(selection)
+        self.max_new_tokens, self.answer_max_new_tokens, self.num_beams = max_new_tokens, answer_max_new_tokens, num_beams
+        self.counters = {"truncated": 0, "skipped": 0}
+        self.eval_samples: dict[str, list] = {}  # set → [(image, zero-shot caption, reference)] for SampleLog
+
+    def setup(self, stage: str) -> None:
+        # The hand-off runs once, before Lightning restores a `ckpt_path` (which then wins, as on resume).
+        if self.init_from and self.handoff_report is None:
+            self.handoff_report = load_parts(self.parts, self.init_from, self.handoff)
+            print(self.handoff_report)
+
+    def feedback(self, pred: Tensor) -> Tensor:
+        """A regressed embedding → the next input embedding (Emu1: itself; Emu2: project_up(project_down(h)))."""
+        return self.adapter.project_up(pred) if self.target_space == "pooled" else pred
+
+    def visual_targets(self, feats: Tensor, visual: Tensor) -> Tensor:
+        """(n,L,D_enc) encoder tokens, (n,N,D_llm) adapter outputs → (n,N,D_tgt) the `<image>` targets."""
+        return self.adapter.pool(feats) if self.target_space == "pooled" else visual
+
+    def losses(self, batch: dict) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+        """Named loss terms of a batch, and per data source."""
+        ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+        with torch.no_grad():                                          # frozen encoder (policy-checked)
+            feats = self.encoder(pixels) if len(pixels) else None     # (n,L,D_enc)
+        D = self.llm.hidden_dim
+        visual = self.adapter(feats) if feats is not None else pixels.new_zeros(0, self.num_image_tokens, D)
+        embeds = self.embed_multimodal(ids, visual)                    # (B,T,D_llm)
+        hidden, _ = self.llm(embeds, mask)                             # (B,T,D_llm) after the final norm
+        ce = token_ce(self.llm.logits(hidden), batch["labels"])        # (B,T-1)
+        is_text = batch["labels"][:, 1:] != -100                       # (B,T-1) positions with a CE target
+        pos, target = self.regression_pairs(ids, embeds, feats, visual, batch["regress_images"])
+        pred = self.regression_head(hidden[:, :-1][pos])               # (P,D_tgt)
+        reg = regression_loss(pred, target)
+        text = ce[is_text].mean() if is_text.any() else ce.sum() * 0.0
+        out = {"text_loss": text, **reg, "loss": self.text_weight * text + self.regression_weight * reg["regression_loss"]}
+        if self.target_space == "adapter" and len(target) > 1:
+            out["target_var"] = target.detach().float().var(0).mean()  # Emu1 targets train: watch for collapse
+        per_source = {}
+        rows = pos.nonzero()[:, 0]                                      # (P,) sample of each regressed position
+        sq = (pred.detach().float() - target.float()).pow(2).mean(-1)  # (P,)
+        for i, name in enumerate(batch["source_names"]):
+            mine = batch["source_index"] == i                           # (B,)
+            terms = {}
+            if is_text[mine].any():
+                terms["text_loss"] = ce[mine][is_text[mine]].mean().detach()
+            if mine[rows].any():
+                terms["regression_loss"] = sq[mine[rows]].mean()
+            per_source[name] = terms
+        return out, per_source
+
+    def regression_pairs(self, ids: Tensor, embeds: Tensor, feats: Tensor | None, visual: Tensor,
+                         regress: Tensor) -> tuple[Tensor, Tensor]:
+        """(B,T-1) mask of predicting positions and the (P,D_tgt) targets, in the same row-major order."""
+        run = image_run_index(ids, self.ids.image)                     # (B,T) image of each <image>, else -1
+        regress = torch.cat([regress, regress.new_zeros(1)])           # index -1 (not an image) reads False
+        pos = regress[run[:, 1:]]                                       # (B,T-1): t predicts the <image> at t+1
+        if self.target_space == "adapter":
+            # Emu1: <image>_N predicts the [/IMG] row as well; targets are the input rows at t+1 themselves.
+            pos = pos | ((ids[:, 1:] == self.ids.img_end) & regress[run[:, :-1]])
+            return pos, embeds[:, 1:][pos].detach()                    # (P,D_llm)
+        if feats is None:
+            return pos, embeds.new_zeros(0, self.regression_head.out_dim)
+        targets = self.visual_targets(feats, visual)[regress[:-1]]     # (n_regressed,N,D_enc), reading order
+        return pos, targets.reshape(-1, targets.shape[-1]).detach()
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        losses, per_source = self.losses(batch)
+        B = len(batch["ids"])
+        self.log_losses(losses, "train", B)
+        for source, terms in per_source.items():
+            self.log_losses({f"{source}/{k}": v for k, v in terms.items()}, "train", B)
+        self.counters["truncated"] += int(batch["num_truncated"])
+        self.counters["skipped"] += int(batch["num_skipped"])
+        for k, v in self.counters.items():
+            self.log(f"train/{k}_total", float(v))
+        return losses["loss"]
+
+    def collator(self) -> SequenceCollator:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        return dm.collator() if hasattr(dm, "collator") else SequenceCollator(self.tokenizer, self.num_image_tokens)
+
+    def _prompt(self, docs: list[list[tuple[str, Any]]], suffix: list[int]) -> tuple[Tensor, Tensor]:
+        """Left-padded prompt embeddings (B,T,D_llm) and mask of unclosed documents + `suffix` ids."""
+        collate = self.collator()
+        seqs, images = [], []
+        for segs in docs:
+            ids, _, ims, cut = collate.encode(segs, close=False, limit=10**9)
+            seqs.append(ids + suffix)
+            images += ims
+        ids, mask = pad(seqs, self.ids.pad, left=True)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        visual = (self.encode_images(torch.stack(images).to(self.device)) if images
+                  else torch.zeros(0, self.num_image_tokens, self.llm.hidden_dim, device=self.device))
+        return self.embed_multimodal(ids, visual), mask
+
+    @torch.no_grad()
+    def generate_image_embeddings(self, docs: list[list[tuple[str, Any]]], use_cache: bool = True) -> Tensor:
+        """Prompts as segment lists → (B,N,D_tgt) regressed embeddings of the image after `[IMG]` (spec §5)."""
+        embeds, mask = self._prompt(docs, [self.ids.img])
+        generate = generate_visual_cached if use_cache else generate_visual_reference
+        return generate(self.llm, self.regression_head, self.feedback, embeds, mask, self.num_image_tokens)
+
+    @torch.no_grad()
+    def generate_text(self, docs: list[list[tuple[str, Any]]], max_new_tokens: int, num_beams: int = 1) -> list[str]:
+        """Prompts as segment lists → generated text, stopped at `</s>` or at a new `[IMG]`."""
+        embeds, mask = self._prompt(docs, [])
+        out = self.llm.generate(embeds, mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                eos_token_id=[self.ids.eos, self.ids.img], pad_token_id=self.ids.pad)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
