@@ -40,7 +40,8 @@ class MultimodalEval:
             out.append(self.encoder(torch.stack(ims).to(self.device)).mean(dim=(0, 1)))
         return torch.stack(out)
 
-    def _demos(self, name: str, samples: list[dict], k: int, selection: str, max_k: int) -> list[list[dict]]:
+    def _demos(self, name: str, samples: list[dict], k: int, selection: str, max_k: int,
+               query_feats: Tensor | None) -> list[list[dict]]:
         if k == 0:
             return [[] for _ in samples]
         pool = self.trainer.datamodule.demo_pool(name)
@@ -51,7 +52,7 @@ class MultimodalEval:
         cache = self.__dict__.setdefault("_pool_features", {})  # the encoder is frozen: computed once per pool
         if name not in cache:
             cache[name] = torch.cat([self._rices_features(pool[i:i + 64]) for i in range(0, len(pool), 64)])
-        idx = rices_demos(self._rices_features(samples), cache[name], k)
+        idx = rices_demos(query_feats, cache[name], k)
         return [[pool[i] for i in row.tolist()] for row in idx]
 
     def _eval_step(self, batch: dict, name: str) -> None:
@@ -62,9 +63,12 @@ class MultimodalEval:
         if task is not None:
             metric_name, cls = _METRIC[task]
             ks = self.video_shots if task == "videoqa" else self.shots
+            # Query features once per batch, shared by every k that selects demonstrations by RICES.
+            rices = "rices" in self.selection and any(k > 0 for k in ks)
+            query_feats = self._rices_features(samples) if rices else None
             for k in ks:
                 for selection in ["k0"] if k == 0 else self.selection:
-                    demos = self._demos(name, samples, k, selection, max(ks))
+                    demos = self._demos(name, samples, k, selection, max(ks), query_feats)
                     prompts = [few_shot_segments(task, d, q) for d, q in zip(demos, samples)]
                     suffix = f"k{k}" if k == 0 else f"k{k}_{selection}"
                     metric = self._eval_metric(f"{name}|{metric_name}_{suffix}", cls)

@@ -157,7 +157,7 @@ class Stage2System(MultimodalEval, EmuSystem):
         collate = self.collator()
         seqs, images = [], []
         for segs in docs:
-            ids, _, ims, cut = collate.encode(segs, close=False, limit=10**9)
+            ids, _, ims, _ = collate.encode(segs, close=False, limit=10**9)
             seqs.append(ids + suffix)
             images += ims
         ids, mask = pad(seqs, self.ids.pad, left=True)
