@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lightning.pytorch.cli import LightningCLI
 
-from emu_lightning.systems.base import EmuSystem
+from emu_lightning.systems.base import PartsSystem
 
 
 class EmuCLI(LightningCLI):
@@ -31,5 +31,5 @@ class EmuCLI(LightningCLI):
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> EmuCLI:
-    return EmuCLI(EmuSystem, subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
+    return EmuCLI(PartsSystem, subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
                   save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf"})

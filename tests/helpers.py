@@ -76,3 +76,27 @@ def tiny_stage2_datamodule(system, batch_size: int = 6, eval_size: int = 4, **kw
                 batch_size=batch_size, eval_batch_size=eval_size, max_length=160, num_frames=4,
                 tokenizer=system.tokenizer, num_image_tokens=system.num_image_tokens)
     return MultimodalDataModule(**{**args, **kwargs})
+
+
+def tiny_unet(cond_dim: int = 64, num_tokens: int = 4, sample_size: int = 16, in_channels: int = 3, **kwargs):
+    """A 2-level diffusers UNet (~0.2 M parameters) conditioned on `num_tokens` × `cond_dim` embeddings."""
+    from components.decoder.unet import VisualDecoderUNet
+
+    unet = dict(sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+                block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+    unet.update(kwargs.pop("unet", {}))
+    return VisualDecoderUNet(cond_dim=cond_dim, num_tokens=num_tokens, unet=unet, **kwargs)
+
+
+def tiny_decoder(condition: str = "pooled", image_size: int = 16, lr: float = 1e-3, space=None, unet=None,
+                 **kwargs):
+    """Decoder system on the tiny mean-pool encoder: 4 pooled tokens × 64, pixel space, 16 px output."""
+    from emu_lightning.systems.decoder import DecoderSystem
+
+    policy = StagePolicy(trainable=["unet"], lr={"unet": lr})
+    unet = unet if unet is not None else tiny_unet(sample_size=image_size // (space.factor if space else 1),
+                                                    in_channels=space.channels if space else 3)
+    return DecoderSystem(tiny_encoder(), tiny_adapter("meanpool"), unet, space=space, condition=condition,
+                         image_size=image_size, policy=policy, sample_steps=2, **kwargs)

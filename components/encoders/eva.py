@@ -79,6 +79,7 @@ class EVAEncoder(nn.Module):
         trunk.prune_intermediate_layers([self.block_index], prune_norm=True, prune_head=True)
         self.trunk = trunk
         self.drop_cls = drop_cls
+        self.img_size = img_size
         self.embed_dim: int = trunk.embed_dim
         self.grid: int = trunk.patch_embed.grid_size[0]
         self.num_prefix_tokens: int = trunk.num_prefix_tokens

@@ -1,0 +1,199 @@
+"""Visual-decoder learning benchmark: train a debug decoder on CPU from a stage-1/2 checkpoint's frozen encoder,
+then score reconstructions and text-to-image samples with the frozen scene classifier (shape, color, both),
+PSNR / SSIM, FID on the scene classifier's features, and sampling seconds per image; beside them a linear
+probe on the frozen conditions (what the encoder + adapter carry at all) and the classifier on the real
+targets (the ceiling of the semantic check).
+
+    python benchmarks/scene_classifier.py --image-size 32            # once: the frozen judge
+    python benchmarks/decoder_learning.py --steps 3000 --name decoder_xattn \
+        --init-from benchmarks/out/runs/stage1_meanpool/version_0/checkpoints/last.ckpt
+    python benchmarks/decoder_learning.py --eval-only --run benchmarks/out/runs/decoder_xattn/version_0 \
+        --stage2 benchmarks/out/runs/stage2_meanpool/version_0      # re-score a finished run (+ text-to-image)
+    python benchmarks/decoder_learning.py --report
+
+Each run writes benchmarks/out/<name>.json and TensorBoard logs under benchmarks/out/runs/<name>.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from stage1_learning import OUT, machine
+
+CLASSIFIER = OUT / "scene_classifier_32px.safetensors"
+
+
+def overlay(name: str, steps: int, val_every: int) -> Path:
+    cfg = {"trainer": {"max_steps": steps, "val_check_interval": val_every, "enable_progress_bar": False,
+                       "limit_val_batches": 1,
+                       "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                  "init_args": {"save_dir": str(OUT / "runs"), "name": name}}},
+           "model": {"init_args": {"semantic_classifier": str(CLASSIFIER), "fid_feature": "scene"}}}
+    path = OUT / f"{name}.overlay.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train(a: argparse.Namespace, extra: list[str]) -> Path:
+    from emu_lightning.cli import cli_main
+
+    init = ["--model.init_args.init_from", a.init_from] if a.init_from else []
+    cli = cli_main(["fit", "--config", a.recipe, "--config", str(overlay(a.name, a.steps, a.val_every or a.steps)),
+                    *init, *extra])
+    return Path(cli.trainer.log_dir)
+
+
+def scenes_batch(split: str, n: int, offset: int = 0):
+    """n synthetic scenes of `split`: CLIP-normalised 64-px encoder inputs, [0,1] images, scenes, captions."""
+    from emu_lightning.data.datamodule import image_transform
+    from emu_lightning.data.synthetic import SyntheticCaptions
+
+    ds, tf = SyntheticCaptions(split=split, size=offset + n, image_size=64), image_transform(64)
+    items = [ds[i] for i in range(offset, offset + n)]
+    return torch.stack([tf(s["image"]) for s in items]), [s["scene"] for s in items], [s["captions"][0] for s in items]
+
+
+@torch.no_grad()
+def probe(system, n_train: int = 4096, n_test: int = 512, steps: int = 400) -> dict[str, float]:
+    """Linear probe: flattened frozen conditions → per-cell shape and color (7 classes each, 6 = empty)."""
+    from emu_lightning.metrics.semantic import EMPTY, scene_targets
+
+    def feats(split, n):
+        x, scenes, _ = scenes_batch(split, n)
+        cond = torch.cat([system.condition(x[i:i + 256]) for i in range(0, n, 256)])
+        return cond.flatten(1), scene_targets(scenes)
+
+    (xtr, (s_tr, c_tr)), (xte, (s_te, c_te)) = feats("train", n_train), feats("val", n_test)
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+    out = {}
+    for name, ytr, yte in (("shape", s_tr, s_te), ("color", c_tr, c_te)):
+        with torch.enable_grad():
+            lin = torch.nn.Linear(xtr.shape[1], 9 * 7)
+            opt = torch.optim.Adam(lin.parameters(), lr=1e-3, weight_decay=1e-4)
+            for _ in range(steps):
+                loss = torch.nn.functional.cross_entropy(lin(xtr).view(-1, 7), ytr.flatten())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        pred = lin(xte).view(-1, 9, 7).argmax(-1)
+        obj = yte != EMPTY
+        out[f"probe_{name}"] = float((pred == yte)[obj].float().mean())
+    return out
+
+
+@torch.no_grad()
+def evaluate(run_dir: Path, ckpt: str | None, n: int, guidance: list[float], stage2: str | None,
+             steps: int | None) -> dict:
+    from emu_lightning.metrics.semantic import SemanticAccuracy, load_scene_classifier, resize
+    from emu_lightning.pipelines import EmuImagePipeline, load_system
+
+    ckpt = ckpt or str(run_dir / "checkpoints" / "last.ckpt")
+    system = load_system(str(run_dir), ckpt).eval()
+    classifier = load_scene_classifier(CLASSIFIER).eval()
+    res: dict = {"ckpt": ckpt, "n": n, "steps": steps or system.sample_steps, "sampler": system.sampler}
+    res.update(probe(system))
+    generator = None
+    if stage2:
+        generator = load_system(stage2, str(Path(stage2) / "checkpoints" / "last.ckpt")).eval()
+    pipe = EmuImagePipeline(system, generator)
+    for split in ("val", "heldout"):
+        x, scenes, captions = scenes_batch(split, n)
+        real = resize((system.target_images(x) + 1) / 2, system.image_size)
+        sem = SemanticAccuracy(classifier)
+        sem.update(real, scenes)
+        res[f"{split}/real"] = {k: float(v) for k, v in sem.compute().items()}
+        for g in guidance:
+            t0 = time.time()
+            recon = torch.cat([pipe.reconstruct(x[i:i + 64], guidance=g, steps=steps, seed=i)
+                               for i in range(0, n, 64)])
+            sec = (time.time() - t0) / n
+            res[f"{split}/recon_g{g}"] = _scores(recon, real, scenes, classifier, sec)
+            if generator is not None:
+                t0 = time.time()
+                t2i = torch.cat([pipe.text_to_image(captions[i:i + 64], guidance=g, steps=steps, seed=i)
+                                 for i in range(0, n, 64)])
+                res[f"{split}/t2i_g{g}"] = _scores(t2i, real, scenes, classifier, (time.time() - t0) / n)
+    return res
+
+
+def _scores(images, real, scenes, classifier, sec_per_image: float) -> dict[str, float]:
+    from emu_lightning.metrics.image_quality import make_fid, reconstruction_metrics
+    from emu_lightning.metrics.semantic import SemanticAccuracy
+
+    sem = SemanticAccuracy(classifier)
+    sem.update(images, scenes)
+    rec = reconstruction_metrics()
+    rec.update(images, real)
+    fid = make_fid("scene", classifier)
+    fid.update(real, real=True)
+    fid.update(images, real=False)
+    out = {k: float(v) for k, v in sem.compute().items()}
+    out.update({k: float(v) for k, v in rec.compute().items()})
+    out["fid_scene"] = float(fid.compute())
+    out["sec_per_image"] = round(sec_per_image, 4)
+    return out
+
+
+def report() -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(OUT.glob("decoder*.json"))]
+    cols = ["color", "shape", "both", "PeakSignalNoiseRatio", "StructuralSimilarityIndexMeasure", "fid_scene",
+            "sec_per_image"]
+    out = ["| run | steps | steps/s | probe shape | probe color | split | images | " + " | ".join(cols) + " |",
+           "|" + "---|" * (len(cols) + 7)]
+    for r in rows:
+        ev = r.get("eval", {})
+        for key, m in ev.items():
+            if not isinstance(m, dict):
+                continue
+            split, kind = key.split("/")
+            out.append(f"| {r['name']} | {r.get('steps', '–')} | {r.get('steps_per_s', '–')} | "
+                       f"{ev.get('probe_shape', 0):.3f} | {ev.get('probe_color', 0):.3f} | {split} | {kind} | "
+                       + " | ".join("–" if m.get(c) is None else f"{m[c]:.3f}" for c in cols) + " |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="recipes/debug/decoder.yaml")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--val-every", type=int, default=0, help="validation interval in steps (0: at the end only)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--init-from", help="stage-1/2 checkpoint whose encoder + adapter condition the decoder")
+    p.add_argument("--name", default="decoder")
+    p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--run", help="run dir (config.yaml + checkpoints/) to evaluate; default: the run just trained")
+    p.add_argument("--ckpt")
+    p.add_argument("--stage2", help="stage-2 run dir: also score text-to-image from its regressed embeddings")
+    p.add_argument("--eval-size", type=int, default=256)
+    p.add_argument("--guidance", type=float, nargs="+", default=[3.0])
+    p.add_argument("--sample-steps", type=int)
+    p.add_argument("--report", action="store_true")
+    a, extra = p.parse_known_args()  # anything else is a CLI override
+    torch.set_num_threads(a.threads)
+    if not a.report:
+        OUT.mkdir(parents=True, exist_ok=True)
+        path = OUT / f"{a.name}.json"
+        result = json.loads(path.read_text()) if path.exists() else {"name": a.name}
+        if not a.eval_only:
+            start = time.time()
+            run_dir = train(a, extra)
+            wall = time.time() - start
+            result.update({"recipe": a.recipe, "init_from": a.init_from, "steps": a.steps, "overrides": extra,
+                           "wall_s": round(wall, 1), "steps_per_s": round(a.steps / wall, 3), "threads": a.threads,
+                           "run": str(run_dir)})
+        run_dir = Path(a.run or result["run"])
+        result.update({"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                       "eval": evaluate(run_dir, a.ckpt, a.eval_size, a.guidance, a.stage2, a.sample_steps)})
+        path.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["eval"], indent=1))
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

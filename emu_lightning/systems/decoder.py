@@ -1,0 +1,309 @@
+"""Visual decoder (EMU_SPEC §4): a diffusion UNet trained as the decoder half of an autoencoder.
+
+image → frozen encoder (+ adapter) → N visual embeddings → UNet (cross-attention on them) → the same image.
+Only the UNet trains; the encoder, adapter and VAE stay frozen (checked here and by the trainable audit).
+The condition is Emu2's pooled EVA tokens (`condition: pooled`, no LLM) or Emu1's adapter outputs
+(`condition: adapter`, the C-Former outputs in autoencoder mode). At sampling time the LLM's regressed
+embeddings replace them (see `emu_lightning.pipelines`).
+
+Validation reconstructs every image from its embeddings with classifier-free guidance and reports PSNR /
+SSIM, FID (feature network named by `fid_feature`) and, on synthetic scenes, whether each object's shape
+and color survive (a frozen scene classifier's verdict).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from components.base import Adapter, VisualEncoder
+from components.decoder.sampling import SD_SCHEDULE, make_scheduler, sample
+from components.decoder.space import LatentSpace, PixelSpace
+from components.decoder.unet import VisualDecoderUNet
+from emu_lightning.checkpointing import load_parts
+from emu_lightning.data.datamodule import CLIP_MEAN, CLIP_STD
+from emu_lightning.data.tokenizer import load_tokenizer
+from emu_lightning.systems.base import PartsSystem, _adamw
+from emu_lightning.systems.policy import StagePolicy
+
+CONDITIONS = ("pooled", "adapter")
+NULL_CONDITIONS = ("zero_image", "zeros")
+
+
+def to_unit(pixel_values: Tensor) -> Tensor:
+    """(B,3,H,W) CLIP-normalised encoder input → [0,1] pixels."""
+    mean = pixel_values.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = pixel_values.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (pixel_values * std + mean).clamp(0, 1)
+
+
+class DecoderSystem(PartsSystem):
+    """Autoencoder-style diffusion training of the visual decoder.
+
+    Args:
+        encoder, adapter: the visual side of a stage-1/2 model; frozen, loaded by `init_from` + `handoff`.
+        unet: the denoiser, conditioned on (B,N,D_cond) embeddings.
+        space: `LatentSpace` (a frozen AutoencoderKL) or None = pixel space.
+        condition: `pooled` (Emu2: adapter.pool, D_enc) or `adapter` (Emu1: adapter outputs, D_llm).
+        image_size: side of the decoder's output image.
+        noise_schedule: DDPM training schedule kwargs over the SD default (scaled-linear β, 1000 steps);
+            its `prediction_type` (epsilon / sample / v_prediction) is also what sampling reads.
+        cond_drop: probability that a training condition is replaced by the null embedding (spec: 0.1).
+        noise_offset: Emu2's offset noise (0.1): noise += offset · randn(B,C,1,1).
+        null_condition: `zero_image` (features of an all-zero normalised image, the spec's default) or `zeros`.
+        ema_decay: keep an EMA of the UNet weights (used for sampling) when set, e.g. 0.999.
+        init_from / handoff: checkpoint and {part: source prefix} for the frozen encoder and adapter.
+        sampler / sample_steps / guidance_scale: evaluation sampling (spec: Emu1 pndm 50 / 7.5, Emu2 euler 50 / 3).
+        semantic_classifier: path of a trained scene classifier (safetensors); None skips the semantic check.
+        fid_feature: FID feature network: `scene` (the scene classifier's features, no download) or
+            `inception` with `fid_weights` a local Inception file; None skips FID.
+        max_bad_steps: non-finite losses tolerated (each skips its step) before the run stops.
+        tokenizer: linked into the caption datamodule (the decoder itself reads no text).
+        num_samples: images per evaluation set shown in the TensorBoard grid.
+    """
+
+    def __init__(self, encoder: VisualEncoder, adapter: Adapter, unet: VisualDecoderUNet,
+                 space: LatentSpace | None = None, condition: str = "pooled", image_size: int = 32,
+                 noise_schedule: dict[str, Any] | None = None, cond_drop: float = 0.1, noise_offset: float = 0.0,
+                 null_condition: str = "zero_image", ema_decay: float | None = None, init_from: str | None = None,
+                 handoff: dict[str, str] | None = None, sampler: str = "ddim", sample_steps: int = 25,
+                 guidance_scale: float = 3.0, eval_seed: int = 0, semantic_classifier: str | None = None,
+                 fid_feature: str | None = "scene", fid_weights: str | None = None, max_bad_steps: int = 10,
+                 tokenizer: str | None = None, num_samples: int = 8, policy: StagePolicy | None = None,
+                 optimizer: OptimizerCallable = _adamw, warmup: float = 0.02, min_lr_ratio: float = 0.1):
+        super().__init__(policy or StagePolicy(trainable=["unet"], lr={"unet": 1e-4}, weight_decay=0.01),
+                         optimizer, warmup, min_lr_ratio)
+        self.save_hyperparameters(ignore=["encoder", "adapter", "unet", "space", "optimizer"])
+        if condition not in CONDITIONS:
+            raise ValueError(f"condition={condition!r}; expected one of {CONDITIONS}")
+        if null_condition not in NULL_CONDITIONS:
+            raise ValueError(f"null_condition={null_condition!r}; expected one of {NULL_CONDITIONS}")
+        if condition == "pooled" and not hasattr(adapter, "pool"):
+            raise ValueError(f"condition='pooled' needs an adapter with pool() (Emu2's MeanPoolProjector); "
+                             f"{type(adapter).__name__} has none: use condition='adapter'")
+        if self.policy.trainable != ["unet"]:
+            raise ValueError(f"the decoder trains the UNet only (EMU_SPEC §4); policy.trainable={self.policy.trainable}")
+        width = adapter.in_dim if condition == "pooled" else adapter.out_dim
+        if width != unet.cond_dim:
+            raise ValueError(f"conditioning width {width} (condition={condition!r} of {type(adapter).__name__}) does "
+                             f"not match the UNet's cross_attention_dim {unet.cond_dim}")
+        if adapter.num_tokens != unet.num_tokens:
+            raise ValueError(f"the adapter gives {adapter.num_tokens} tokens per image, the UNet expects "
+                             f"{unet.num_tokens}")
+        self.encoder, self.adapter, self.unet = encoder, adapter, unet
+        self.space = space if space is not None else PixelSpace()
+        if self.space.channels != unet.sample_channels:
+            raise ValueError(f"the diffusion space has {self.space.channels} channels, the UNet's sample input "
+                             f"{unet.sample_channels}")
+        if image_size != unet.sample_size * self.space.factor:
+            raise ValueError(f"image_size {image_size} != UNet sample_size {unet.sample_size} × space factor "
+                             f"{self.space.factor}")
+        self.condition_kind, self.image_size = condition, image_size
+        # The training schedule as given (keys DDPM ignores, e.g. PNDM's skip_prk_steps, still reach the sampler).
+        self.schedule = {**SD_SCHEDULE, **(noise_schedule or {})}
+        self.noise_scheduler = make_scheduler("ddpm", self.schedule)
+        make_scheduler(sampler, self.schedule)   # fails now, not at the first validation, if they do not fit
+        unet.image_size = image_size   # the pooled path's time_ids name the output image, not the latent side
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        self.cond_drop, self.noise_offset, self.null_kind = cond_drop, noise_offset, null_condition
+        self.ema = copy.deepcopy(unet).requires_grad_(False) if ema_decay else None
+        self.ema_decay = ema_decay
+        self.init_from = init_from
+        self.handoff = handoff or {"encoder": "encoder", "adapter": "adapter"}
+        self.handoff_report = None
+        self.sampler, self.sample_steps, self.guidance_scale = sampler, sample_steps, guidance_scale
+        self.eval_seed, self.num_samples, self.max_bad_steps = eval_seed, num_samples, max_bad_steps
+        self.semantic_classifier, self.fid_feature, self.fid_weights = semantic_classifier, fid_feature, fid_weights
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.policy.apply(self.parts)
+        self.bad_steps = 0
+        # "<set>_<metric>" → metric, made on first use. A plain dict, not a ModuleDict: the FID feature network
+        # and scene classifier must stay out of the checkpoint and the parameter audit.
+        self.metrics: dict[str, Any] = {}
+        self.eval_images: dict[str, list[Tensor]] = {}    # set → [input, reconstruction] rows for ImageGridLog
+
+    # --- parts and conditions -------------------------------------------------------------------------------
+
+    @property
+    def parts(self) -> dict[str, nn.Module]:
+        parts = {"encoder": self.encoder, "adapter": self.adapter, "unet": self.unet}
+        if isinstance(self.space, LatentSpace):
+            parts["vae"] = self.space
+        return parts
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.adapter.num_tokens
+
+    def setup(self, stage: str) -> None:
+        # The hand-off runs once, before Lightning restores a `ckpt_path` (which then wins, as on resume).
+        if self.init_from and self.handoff_report is None:
+            self.handoff_report = load_parts(self.parts, self.init_from, self.handoff)
+            rank_zero_info(str(self.handoff_report))
+
+    def encoder_input(self, pixel_values: Tensor) -> Tensor:
+        """Batch images → the encoder's resolution (bicubic), so one batch serves a 448-px encoder and a
+        1024-px decoder target (Emu2)."""
+        side = self.encoder.img_size
+        if pixel_values.shape[-1] == side:
+            return pixel_values
+        return F.interpolate(pixel_values, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+
+    @torch.no_grad()
+    def condition(self, pixel_values: Tensor) -> Tensor:
+        """(B,3,H,W) CLIP-normalised images → (B,N,D_cond) decoder conditions (frozen encoder + adapter)."""
+        feats = self.encoder(self.encoder_input(pixel_values))
+        return self.adapter.pool(feats) if self.condition_kind == "pooled" else self.adapter(feats)
+
+    @torch.no_grad()
+    def null_embedding(self, like: Tensor) -> Tensor:
+        """(1,N,D_cond) unconditional embedding: features of an all-zero normalised (mean-colour) image."""
+        if self.null_kind == "zeros":
+            return like.new_zeros(1, *like.shape[1:])
+        side = self.encoder.img_size
+        return self.condition(like.new_zeros(1, 3, side, side))
+
+    def target_images(self, pixel_values: Tensor) -> Tensor:
+        """(B,3,H,W) encoder input → (B,3,S,S) decoder target in [-1,1] (S = image_size)."""
+        x = to_unit(pixel_values)
+        if x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        return x * 2 - 1
+
+    def denoiser(self, use_ema: bool = True) -> nn.Module:
+        return self.ema if (use_ema and self.ema is not None) else self.unet
+
+    # --- training -------------------------------------------------------------------------------------------
+
+    def losses(self, batch: dict) -> dict[str, Tensor]:
+        pixels = batch["pixel_values"]
+        B = len(pixels)
+        # 1. encode: image → frozen condition; target image → diffusion space (VAE latents × scale, or pixels)
+        cond = self.condition(pixels)                                        # (B,N,D)
+        z = self.space.encode(self.target_images(pixels))                    # (B,C,h,w)
+        # 2. condition drop: with p = cond_drop the null embedding replaces the condition (CFG training)
+        drop = torch.rand(B, device=z.device) < self.cond_drop
+        cond = torch.where(drop[:, None, None], self.null_embedding(cond).to(cond.dtype), cond)
+        # 3. noise (+ offset noise, constant per channel), 4. timestep, 5. forward diffusion
+        noise = torch.randn_like(z)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn(B, z.shape[1], 1, 1, device=z.device, dtype=z.dtype)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (B,), device=z.device)
+        z_t = self.noise_scheduler.add_noise(z, noise, t)
+        # 6. target by prediction type, MSE
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "sample":
+            target = z
+        else:
+            target = self.noise_scheduler.get_velocity(z, noise, t)
+        pred = self.unet(z_t, t, cond)
+        loss = F.mse_loss(pred.float(), target.float())
+        return {"diffusion_loss": loss, "loss": loss, "cond_drop_frac": drop.float().mean()}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        losses = self.losses(batch)
+        finite = bool(torch.isfinite(losses["loss"]))
+        if self._trainer is not None:  # every rank skips together, or none does (DDP/FSDP must stay in step)
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            # A non-finite loss skips the step (returning None skips backward and the optimizer step).
+            self.bad_steps += 1
+            self.log("train/bad_steps", float(self.bad_steps))
+            if self.bad_steps > self.max_bad_steps:
+                raise RuntimeError(f"diffusion loss is {losses['loss'].item()} at step {self.global_step}: "
+                                   f"{self.bad_steps} non-finite losses, more than max_bad_steps="
+                                   f"{self.max_bad_steps}; lower the learning rate or check the inputs")
+            return None
+        self.log_losses(losses, "train", len(batch["pixel_values"]))
+        return losses["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        # Once per optimizer step (not per micro-batch under gradient accumulation).
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        if self.ema is not None and (batch_idx + 1) % accumulate == 0:
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.unet.parameters()):
+                    e.lerp_(p.detach(), 1 - self.ema_decay)
+
+    # --- sampling and evaluation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode(self, cond: Tensor, guidance: float | None = None, steps: int | None = None,
+               sampler: str | None = None, generator: torch.Generator | None = None,
+               null: Tensor | None = None) -> Tensor:
+        """(B,N,D_cond) embeddings → (B,3,S,S) images in [0,1], sampled with classifier-free guidance."""
+        scheduler = make_scheduler(sampler or self.sampler, self.schedule)
+        unet = self.denoiser()
+        null = self.null_embedding(cond) if null is None else null
+        shape = (len(cond), self.space.channels, self.unet.sample_size, self.unet.sample_size)
+        z = sample(unet, scheduler, cond, null.to(cond), shape, steps or self.sample_steps,
+                   self.guidance_scale if guidance is None else guidance, generator)
+        return ((self.space.decode(z) + 1) / 2).clamp(0, 1)
+
+    def _metric(self, key: str, make: Any) -> nn.Module:
+        if key not in self.metrics:
+            self.metrics[key] = make().to(self.device)
+            self.metrics[key].requires_grad_(False)
+        return self.metrics[key]
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_images = {}
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, batch_idx, self._names("val")[dataloader_idx])
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, batch_idx, self._names("test")[dataloader_idx])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics()
+
+    def _evaluate(self, batch: dict, batch_idx: int, name: str) -> None:
+        from emu_lightning.metrics.image_quality import make_fid, reconstruction_metrics
+        from emu_lightning.metrics.semantic import SemanticAccuracy, load_scene_classifier
+
+        pixels = batch["pixel_values"]
+        gen = torch.Generator().manual_seed(self.eval_seed + batch_idx)   # same noise every evaluation
+        recon = self.decode(self.condition(pixels), generator=gen)         # (B,3,S,S) in [0,1]
+        real = (self.target_images(pixels) + 1) / 2
+        self._metric(f"{name}_recon", reconstruction_metrics).update(recon, real)
+        if self.semantic_classifier and "scenes" in batch:
+            classifier = self._classifier(load_scene_classifier)
+            self._metric(f"{name}_semantic", lambda: SemanticAccuracy(classifier)).update(recon, batch["scenes"])
+        if self.fid_feature:
+            classifier = self._classifier(load_scene_classifier) if self.fid_feature == "scene" else None
+            fid = self._metric(f"{name}_fid", lambda: make_fid(self.fid_feature, classifier, self.fid_weights))
+            fid.update(real, real=True)
+            fid.update(recon, real=False)
+        rows = self.eval_images.setdefault(name, [])
+        if not rows:
+            rows += [real[: self.num_samples].cpu(), recon[: self.num_samples].cpu()]
+
+    def _classifier(self, load: Any) -> nn.Module:
+        if getattr(self, "_scene_classifier", None) is None:
+            if not self.semantic_classifier:
+                raise ValueError("fid_feature='scene' needs semantic_classifier: the path of a trained scene "
+                                 "classifier (benchmarks/scene_classifier.py writes one)")
+            self._scene_classifier = load(self.semantic_classifier).to(self.device).eval()
+        return self._scene_classifier
+
+    def _log_metrics(self) -> None:
+        for key in list(self.metrics):
+            name, kind = key.rsplit("_", 1)
+            value = self.metrics[key].compute()
+            values = value if isinstance(value, dict) else {"fid": value}
+            for metric, v in values.items():
+                label = {"PeakSignalNoiseRatio": "psnr", "StructuralSimilarityIndexMeasure": "ssim"}.get(metric, metric)
+                prefix = "semantic_" if kind == "semantic" else ""
+                self.log(f"{name}/{prefix}{label}", float(v), add_dataloader_idx=False, sync_dist=False)
+            self.metrics[key].reset()
