@@ -48,7 +48,8 @@ def make_scheduler(name: str, config: dict[str, Any] | None = None) -> Any:
                          f"{PREDICTION_TYPES[name]}")
     cls = SCHEDULERS[name]
     accepted = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in cfg.items() if k in accepted})
+    with torch.device("cpu"):  # schedules are small CPU tables, also when a model is built on the meta device
+        return cls(**{k: v for k, v in cfg.items() if k in accepted})
 
 
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]   # (x_t, t, cond) -> model output
