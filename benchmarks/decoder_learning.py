@@ -60,7 +60,8 @@ def scenes_batch(split: str, n: int, offset: int = 0):
 
 @torch.no_grad()
 def probe(system, n_train: int = 4096, n_test: int = 512, steps: int = 400) -> dict[str, float]:
-    """Linear probe: flattened frozen conditions → per-cell shape and color (7 classes each, 6 = empty)."""
+    """Probes of the frozen conditions (flattened, standardised) → per-cell shape and color (7 classes, 6 = empty):
+    a linear one and a one-hidden-layer MLP (the decoder is non-linear), trained on train renders, scored on val."""
     from emu_lightning.metrics.semantic import EMPTY, scene_targets
 
     def feats(split, n):
@@ -72,24 +73,28 @@ def probe(system, n_train: int = 4096, n_test: int = 512, steps: int = 400) -> d
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
     xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
     out = {}
-    for name, ytr, yte in (("shape", s_tr, s_te), ("color", c_tr, c_te)):
-        with torch.enable_grad():
-            lin = torch.nn.Linear(xtr.shape[1], 9 * 7)
-            opt = torch.optim.Adam(lin.parameters(), lr=1e-3, weight_decay=1e-4)
-            for _ in range(steps):
-                loss = torch.nn.functional.cross_entropy(lin(xtr).view(-1, 7), ytr.flatten())
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        pred = lin(xte).view(-1, 9, 7).argmax(-1)
-        obj = yte != EMPTY
-        out[f"probe_{name}"] = float((pred == yte)[obj].float().mean())
+    for kind in ("linear", "mlp"):
+        for name, ytr, yte in (("shape", s_tr, s_te), ("color", c_tr, c_te)):
+            torch.manual_seed(0)
+            head = (torch.nn.Linear(xtr.shape[1], 9 * 7) if kind == "linear" else
+                    torch.nn.Sequential(torch.nn.Linear(xtr.shape[1], 512), torch.nn.GELU(),
+                                        torch.nn.Linear(512, 9 * 7)))
+            with torch.enable_grad():
+                opt = torch.optim.Adam(head.parameters(), lr=1e-3, weight_decay=1e-4)
+                for _ in range(steps):
+                    loss = torch.nn.functional.cross_entropy(head(xtr).view(-1, 7), ytr.flatten())
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            pred = head(xte).view(-1, 9, 7).argmax(-1)
+            obj = yte != EMPTY
+            out[f"probe_{name}" if kind == "linear" else f"probe_mlp_{name}"] = float((pred == yte)[obj].float().mean())
     return out
 
 
 @torch.no_grad()
 def evaluate(run_dir: Path, ckpt: str | None, n: int, guidance: list[float], stage2: str | None,
-             steps: int | None) -> dict:
+             steps: int | None, with_probe: bool = True) -> dict:
     from emu_lightning.metrics.semantic import SemanticAccuracy, load_scene_classifier, resize
     from emu_lightning.pipelines import EmuImagePipeline, load_system
 
@@ -97,7 +102,8 @@ def evaluate(run_dir: Path, ckpt: str | None, n: int, guidance: list[float], sta
     system = load_system(str(run_dir), ckpt).eval()
     classifier = load_scene_classifier(CLASSIFIER).eval()
     res: dict = {"ckpt": ckpt, "n": n, "steps": steps or system.sample_steps, "sampler": system.sampler}
-    res.update(probe(system))
+    if with_probe:
+        res.update(probe(system))
     generator = None
     if stage2:
         generator = load_system(stage2, str(Path(stage2) / "checkpoints" / "last.ckpt")).eval()
@@ -114,12 +120,26 @@ def evaluate(run_dir: Path, ckpt: str | None, n: int, guidance: list[float], sta
                                for i in range(0, n, 64)])
             sec = (time.time() - t0) / n
             res[f"{split}/recon_g{g}"] = _scores(recon, real, scenes, classifier, sec)
+            rows = [real[:12], recon[:12]]
             if generator is not None:
                 t0 = time.time()
                 t2i = torch.cat([pipe.text_to_image(captions[i:i + 64], guidance=g, steps=steps, seed=i)
                                  for i in range(0, n, 64)])
                 res[f"{split}/t2i_g{g}"] = _scores(t2i, real, scenes, classifier, (time.time() - t0) / n)
+                rows.append(t2i[:12])
+            log_grid(run_dir, f"benchmark/{split}_g{g}", rows)
     return res
+
+
+def log_grid(run_dir: Path, tag: str, rows: list) -> None:
+    """input | reconstruction | text-to-image rows into the run's TensorBoard (and a PNG beside the JSON)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torchvision.utils import make_grid, save_image
+
+    grid = make_grid(torch.cat(rows).clamp(0, 1), nrow=len(rows[0]), padding=1)
+    with SummaryWriter(str(run_dir)) as writer:
+        writer.add_image(tag, grid, 0)
+    save_image(grid, OUT / f"{run_dir.parent.name}_{tag.replace('/', '_')}.png")
 
 
 def _scores(images, real, scenes, classifier, sec_per_image: float) -> dict[str, float]:
@@ -142,10 +162,9 @@ def _scores(images, real, scenes, classifier, sec_per_image: float) -> dict[str,
 
 def report() -> str:
     rows = [json.loads(p.read_text()) for p in sorted(OUT.glob("decoder*.json"))]
-    cols = ["color", "shape", "both", "PeakSignalNoiseRatio", "StructuralSimilarityIndexMeasure", "fid_scene",
-            "sec_per_image"]
-    out = ["| run | steps | steps/s | probe shape | probe color | split | images | " + " | ".join(cols) + " |",
-           "|" + "---|" * (len(cols) + 7)]
+    cols = ["color", "shape", "both", "empty", "psnr", "ssim", "fid_scene", "sec_per_image"]
+    out = ["| run | steps | steps/s | probe shape (lin / mlp) | probe color (lin / mlp) | split | images | "
+           + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 7)]
     for r in rows:
         ev = r.get("eval", {})
         for key, m in ev.items():
@@ -153,9 +172,14 @@ def report() -> str:
                 continue
             split, kind = key.split("/")
             out.append(f"| {r['name']} | {r.get('steps', '–')} | {r.get('steps_per_s', '–')} | "
-                       f"{ev.get('probe_shape', 0):.3f} | {ev.get('probe_color', 0):.3f} | {split} | {kind} | "
-                       + " | ".join("–" if m.get(c) is None else f"{m[c]:.3f}" for c in cols) + " |")
+                       f"{_fmt(ev.get('probe_shape'))} / {_fmt(ev.get('probe_mlp_shape'))} | "
+                       f"{_fmt(ev.get('probe_color'))} / {_fmt(ev.get('probe_mlp_color'))} | {split} | {kind} | "
+                       + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
     return "\n".join(out)
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
 
 
 def main() -> None:
@@ -173,6 +197,7 @@ def main() -> None:
     p.add_argument("--eval-size", type=int, default=256)
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0])
     p.add_argument("--sample-steps", type=int)
+    p.add_argument("--no-probe", action="store_true", help="skip the linear probe on the frozen conditions")
     p.add_argument("--report", action="store_true")
     a, extra = p.parse_known_args()  # anything else is a CLI override
     torch.set_num_threads(a.threads)
@@ -189,7 +214,8 @@ def main() -> None:
                            "run": str(run_dir)})
         run_dir = Path(a.run or result["run"])
         result.update({"date": time.strftime("%Y-%m-%d"), "machine": machine(),
-                       "eval": evaluate(run_dir, a.ckpt, a.eval_size, a.guidance, a.stage2, a.sample_steps)})
+                       "eval": evaluate(run_dir, a.ckpt, a.eval_size, a.guidance, a.stage2, a.sample_steps,
+                                               not a.no_probe)})
         path.write_text(json.dumps(result, indent=1))
         print(json.dumps(result["eval"], indent=1))
     print(report())

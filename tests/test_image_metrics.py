@@ -153,6 +153,43 @@ def test_fid_inception_never_downloads(tmp_path):
         make_fid("scene")
 
 
+def random_inception_weights(path, monkeypatch):
+    """torch-fidelity's InceptionV3 with random weights saved as a local file, with every download blocked."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download InceptionV3 weights")
+
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", no_download)
+    with monkeypatch.context() as m:  # build once without loading anything, to get the architecture's keys
+        m.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        m.setattr(torch, "load", lambda *a, **k: {})
+        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="x")
+    torch.save(net.state_dict(), path)
+
+
+def test_fid_inception_from_a_local_file(tmp_path, monkeypatch, val_images):
+    # The Inception path, end to end with a local file (random weights: the numbers mean nothing, the wiring does).
+    weights = tmp_path / "pt_inception.pth"
+    random_inception_weights(weights, monkeypatch)
+    images, _ = val_images
+    images = images[:4]
+
+    def fid_of(fake):
+        fid = make_fid("inception", weights_path=weights)
+        fid.update(images, real=True)
+        fid.update(fake, real=False)
+        return fid.compute().item()
+
+    # Random InceptionV3 features are tiny, so FIDs are too: compare the shifted set with the identical one.
+    same, shifted = fid_of(images), fid_of((images + 0.3).clamp(0, 1))
+    assert abs(same) < 1e-9 and shifted > 1e3 * max(abs(same), 1e-18)
+    crafted = tmp_path / "crafted.pth"
+    torch.save({"weights": nn.Linear(2, 2)}, crafted)  # a pickled module, not a state dict of tensors
+    with pytest.raises(ValueError, match="crafted.pth is not a plain state dict"):
+        make_fid("inception", weights_path=crafted)
+
+
 def test_psnr_ssim(val_images):
     images, _ = val_images
     metrics = reconstruction_metrics()

@@ -8,8 +8,10 @@ per-batch FID, which fails on a batch holding only real (or only fake) images.
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
@@ -75,6 +77,16 @@ def make_fid(
         )
     if not Path(weights_path).is_file():
         raise FileNotFoundError(f"InceptionV3 weights file {weights_path} does not exist")
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ImportError("make_fid(feature='inception') runs torch-fidelity's InceptionV3: "
+                          "pip install -e '.[fid]' (or feature='scene', which needs nothing more)")
+    # torch-fidelity unpickles the file with weights_only=False: read it safely first, so a file carrying
+    # pickled objects is refused here instead of executed there.
+    try:
+        torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"InceptionV3 weights file {weights_path} is not a plain state dict of tensors "
+                         f"(refused: {type(err).__name__})") from err
     # normalize=True: FID itself turns [0,1] floats into the uint8 torch-fidelity's InceptionV3 expects.
     return FrechetInceptionDistance(dims, reset_real_features=reset_real_features, normalize=True,
                                     feature_extractor_weights_path=str(weights_path), **kwargs)  # fmt: skip
