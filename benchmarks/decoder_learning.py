@@ -131,6 +131,28 @@ def evaluate(run_dir: Path, ckpt: str | None, n: int, guidance: list[float], sta
     return res
 
 
+@torch.no_grad()
+def sampler_sweep(run_dir: Path, ckpt: str | None, n: int, settings: list[str]) -> dict:
+    """Reconstruction scores on `n` val images per `sampler:steps:guidance` setting (one trained decoder)."""
+    from emu_lightning.metrics.semantic import SemanticAccuracy, load_scene_classifier
+    from emu_lightning.pipelines import EmuImagePipeline, load_system
+
+    system = load_system(str(run_dir), ckpt or str(run_dir / "checkpoints" / "last.ckpt")).eval()
+    classifier, pipe = load_scene_classifier(CLASSIFIER).eval(), EmuImagePipeline(system)
+    x, scenes, _ = scenes_batch("val", n)
+    out = {}
+    for setting in settings:
+        sampler, steps, g = setting.split(":")
+        t0 = time.time()
+        images = pipe.reconstruct(x, guidance=float(g), steps=int(steps), sampler=sampler, seed=0)
+        sem = SemanticAccuracy(classifier)
+        sem.update(images, scenes)
+        out[setting] = {**{k: round(float(v), 3) for k, v in sem.compute().items()},
+                        "sec_per_image": round((time.time() - t0) / n, 4)}
+        print(setting, out[setting], flush=True)
+    return out
+
+
 def log_grid(run_dir: Path, tag: str, rows: list) -> None:
     """input | reconstruction | text-to-image rows into the run's TensorBoard (and a PNG beside the JSON)."""
     from torch.utils.tensorboard import SummaryWriter
@@ -198,6 +220,8 @@ def main() -> None:
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0])
     p.add_argument("--sample-steps", type=int)
     p.add_argument("--no-probe", action="store_true", help="skip the linear probe on the frozen conditions")
+    p.add_argument("--sampler-sweep", nargs="+", metavar="SAMPLER:STEPS:GUIDANCE",
+                   help="only score reconstructions of --eval-size val images per sampler setting")
     p.add_argument("--report", action="store_true")
     a, extra = p.parse_known_args()  # anything else is a CLI override
     torch.set_num_threads(a.threads)
@@ -213,6 +237,10 @@ def main() -> None:
                            "wall_s": round(wall, 1), "steps_per_s": round(a.steps / wall, 3), "threads": a.threads,
                            "run": str(run_dir)})
         run_dir = Path(a.run or result["run"])
+        if a.sampler_sweep:
+            result.setdefault("sampler_sweep", {}).update(sampler_sweep(run_dir, a.ckpt, a.eval_size, a.sampler_sweep))
+            path.write_text(json.dumps(result, indent=1))
+            return
         result.update({"date": time.strftime("%Y-%m-%d"), "machine": machine(),
                        "eval": evaluate(run_dir, a.ckpt, a.eval_size, a.guidance, a.stage2, a.sample_steps,
                                                not a.no_probe)})

@@ -17,6 +17,15 @@ def _seed_and_dtype():
     torch.set_default_dtype(dtype)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tests sized for one core (the machine's cores are shared with training runs): `usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from emu_lightning.data.tokenizer import load_tokenizer

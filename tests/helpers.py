@@ -78,6 +78,11 @@ def tiny_stage2_datamodule(system, batch_size: int = 6, eval_size: int = 4, **kw
     return MultimodalDataModule(**{**args, **kwargs})
 
 
+# A 2-level AutoencoderKL (factor 2, 4 latent channels): 16 px images ↔ 8 px latents.
+TINY_VAE = dict(block_out_channels=[8, 16], latent_channels=4, norm_num_groups=8, sample_size=16,
+                down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+
+
 def tiny_unet(cond_dim: int = 64, num_tokens: int = 4, sample_size: int = 16, in_channels: int = 3, **kwargs):
     """A 2-level diffusers UNet (~0.2 M parameters) conditioned on `num_tokens` × `cond_dim` embeddings."""
     from components.decoder.unet import VisualDecoderUNet

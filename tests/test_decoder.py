@@ -21,22 +21,14 @@ from components.decoder.space import LatentSpace
 from components.decoder.unet import VisualDecoderUNet, check_diffusers_folder
 from emu_lightning.systems.decoder import DecoderSystem
 from emu_lightning.systems.policy import StagePolicy
-from tests.helpers import IMAGE_SIZE, tiny_adapter, tiny_datamodule, tiny_decoder, tiny_encoder, tiny_stage1, tiny_unet
+from tests.helpers import (IMAGE_SIZE, TINY_VAE, tiny_adapter, tiny_datamodule, tiny_decoder, tiny_encoder, tiny_stage1,
+                           tiny_unet)
 
 ROOT = Path(__file__).resolve().parents[1]
 PREDICTION_TYPES = ["epsilon", "sample", "v_prediction"]
-# A 2-level AutoencoderKL (factor 2, 4 latent channels): 16 px images ↔ 8 px latents.
-TINY_VAE = dict(block_out_channels=[8, 16], latent_channels=4, norm_num_groups=8, sample_size=16,
-                down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The machine's cores are shared with training runs: every test here is sized for one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pixels(batch: int) -> torch.Tensor:

@@ -27,21 +27,13 @@ from emu_lightning.decoder_export import export_decoder, load_exported_decoder
 from emu_lightning.pipelines import EmuImagePipeline, load_system, to_pil
 from emu_lightning.systems.decoder import DecoderSystem
 from emu_lightning.systems.policy import StagePolicy
-from tests.helpers import IMAGE_SIZE, tiny_decoder, tiny_stage2, tiny_unet
+from tests.helpers import IMAGE_SIZE, TINY_VAE, tiny_decoder, tiny_stage2, tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 16  # tiny decoder output side
-TINY_VAE = dict(block_out_channels=[8, 16], latent_channels=4, norm_num_groups=8, sample_size=16,
-                down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The machine's cores are shared with training runs: every test here is sized for one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image(seed: int) -> Image.Image:

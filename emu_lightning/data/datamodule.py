@@ -57,7 +57,23 @@ class _Streamed(IterableDataset):
             yield _prepare(s, self.transform, self.train)
 
 
-class CaptionDataModule(L.LightningDataModule):
+class NamedEvalSets:
+    """Names of a datamodule's evaluation sets (`val_sets` / `test_sets` dicts), in dataloader order: each set
+    is logged under its own name (`PartsSystem._names`)."""
+
+    val_sets: dict[str, Dataset]
+    test_sets: dict[str, Dataset]
+
+    @property
+    def val_names(self) -> list[str]:
+        return list(self.val_sets)
+
+    @property
+    def test_names(self) -> list[str]:
+        return list(self.test_sets)
+
+
+class CaptionDataModule(NamedEvalSets, L.LightningDataModule):
     """Image-caption batches for stage 1.
 
     Args:
@@ -92,14 +108,6 @@ class CaptionDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.max_length = max_length
         self.tokenizer, self.num_image_tokens = tokenizer, num_image_tokens
-
-    @property
-    def val_names(self) -> list[str]:
-        return list(self.val_sets)
-
-    @property
-    def test_names(self) -> list[str]:
-        return list(self.test_sets)
 
     def _collate(self) -> CaptionCollator:
         if self.tokenizer is None:

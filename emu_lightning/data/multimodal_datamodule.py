@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from emu_lightning.data.datamodule import image_transform
+from emu_lightning.data.datamodule import NamedEvalSets, image_transform
 from emu_lightning.data.mixture import SourceMixture, step_counts
 from emu_lightning.data.sequence import Layout, SequenceCollator
 
@@ -36,7 +36,7 @@ class _EvalCollate:
         return {**self.dm.collator()(docs), "samples": samples, "layout": self.layout.kind}
 
 
-class MultimodalDataModule(L.LightningDataModule):
+class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
     """Stage-2 batches.
 
     Args:
@@ -110,14 +110,6 @@ class MultimodalDataModule(L.LightningDataModule):
                  synthetic.SyntheticVideos: "videos", synthetic.SyntheticDocuments: "documents"}
         return {name: _synthetic(kinds[type(ds)], "train", size, image_size)
                 for name, ds in {**self.val_sets, **self.test_sets}.items() if type(ds) in kinds}
-
-    @property
-    def val_names(self) -> list[str]:
-        return list(self.val_sets)
-
-    @property
-    def test_names(self) -> list[str]:
-        return list(self.test_sets)
 
     def layout(self, kind: str, train: bool) -> Layout:
         return Layout(kind, self.text_first_p, self.image_first_p, self.num_frames, self.skip_short_videos, train)
