@@ -593,7 +593,12 @@ def test_handoff_loads_the_frozen_encoder_and_adapter(tmp_path):
 def test_cli_fit_debug_recipe_logs_psnr_and_ssim(tmp_path, monkeypatch):
     from emu_lightning.cli import cli_main
 
+    from emu_lightning.metrics.semantic import save_scene_classifier, train_scene_classifier
+    from emu_lightning.pipelines import load_system
+
     monkeypatch.chdir(tmp_path)
+    judge = tmp_path / "judge.safetensors"   # an untrained-ish classifier: the wiring is under test, not its verdicts
+    save_scene_classifier(train_scene_classifier(image_size=16, steps=2, batch_size=4), judge)
     small = lambda split: {"class_path": "emu_lightning.data.synthetic.SyntheticCaptions",  # noqa: E731
                            "init_args": {"split": split, "size": 4, "image_size": 64}}
     overlay = tmp_path / "overlay.yaml"
@@ -601,14 +606,19 @@ def test_cli_fit_debug_recipe_logs_psnr_and_ssim(tmp_path, monkeypatch):
         "trainer": {"max_steps": 2, "val_check_interval": 2, "enable_progress_bar": False,
                     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                "init_args": {"save_dir": str(tmp_path / "runs"), "name": "decoder"}}},
-        "model": {"init_args": {"sample_steps": 2}},
+        "model": {"init_args": {"sample_steps": 2, "semantic_classifier": str(judge), "fid_feature": "scene"}},
         "data": {"init_args": {"val": {"val": small("val"), "heldout": small("heldout")}, "batch_size": 4,
                                "eval_batch_size": 4, "num_workers": 0}},
     }))
     cli = cli_main(["fit", "--config", str(ROOT / "recipes" / "debug" / "decoder.yaml"), "--config", str(overlay)])
     assert cli.trainer.global_step == 2
     metrics = cli.trainer.callback_metrics
-    for key in ("train/loss", "val/psnr", "val/ssim", "heldout/psnr", "heldout/ssim"):
+    for key in ("train/loss", "val/psnr", "val/ssim", "heldout/psnr", "heldout/ssim", "val/semantic_color",
+                "val/semantic_shape", "val/fid"):
         assert key in metrics and torch.isfinite(metrics[key]), (key, sorted(metrics))
-    assert 0 <= metrics["val/ssim"] <= 1
-    assert (tmp_path / "runs" / "decoder").is_dir()
+    assert 0 <= metrics["val/ssim"] <= 1 and 0 <= metrics["val/semantic_color"] <= 1
+    # The frozen judge and the metrics stay out of the checkpoint: it loads strictly into a fresh system.
+    run = Path(cli.trainer.log_dir)
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(k.split(".")[0] in {"encoder", "adapter", "unet", "ema"} for k in state), sorted(state)[:5]
+    load_system(str(run))

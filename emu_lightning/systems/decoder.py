@@ -125,6 +125,7 @@ class DecoderSystem(PartsSystem):
         # "<set>_<metric>" → metric, made on first use. A plain dict, not a ModuleDict: the FID feature network
         # and scene classifier must stay out of the checkpoint and the parameter audit.
         self.metrics: dict[str, Any] = {}
+        self._judges: dict[str, nn.Module] = {}          # the frozen scene classifier, loaded on first use
         self.eval_images: dict[str, list[Tensor]] = {}    # set → [input, reconstruction] rows for ImageGridLog
 
     # --- parts and conditions -------------------------------------------------------------------------------
@@ -290,12 +291,14 @@ class DecoderSystem(PartsSystem):
             rows += [real[: self.num_samples].cpu(), recon[: self.num_samples].cpu()]
 
     def _classifier(self, load: Any) -> nn.Module:
-        if getattr(self, "_scene_classifier", None) is None:
+        # Held in a dict, not as an attribute: an nn.Module attribute would become a submodule, and the frozen
+        # judge would land in every checkpoint (and break loading it into a fresh system).
+        if "scene" not in self._judges:
             if not self.semantic_classifier:
                 raise ValueError("fid_feature='scene' needs semantic_classifier: the path of a trained scene "
                                  "classifier (benchmarks/scene_classifier.py writes one)")
-            self._scene_classifier = load(self.semantic_classifier).to(self.device).eval()
-        return self._scene_classifier
+            self._judges["scene"] = load(self.semantic_classifier).to(self.device).eval().requires_grad_(False)
+        return self._judges["scene"]
 
     def _log_metrics(self) -> None:
         for key in list(self.metrics):
