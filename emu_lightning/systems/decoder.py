@@ -28,6 +28,8 @@ from components.decoder.unet import VisualDecoderUNet
 from emu_lightning.checkpointing import load_parts
 from emu_lightning.data.datamodule import CLIP_MEAN, CLIP_STD
 from emu_lightning.data.tokenizer import load_tokenizer
+from emu_lightning.metrics.image_quality import make_fid, reconstruction_metrics
+from emu_lightning.metrics.semantic import SemanticAccuracy, load_scene_classifier
 from emu_lightning.systems.base import PartsSystem, _adamw
 from emu_lightning.systems.policy import StagePolicy
 
@@ -270,19 +272,16 @@ class DecoderSystem(PartsSystem):
         self._log_metrics()
 
     def _evaluate(self, batch: dict, batch_idx: int, name: str) -> None:
-        from emu_lightning.metrics.image_quality import make_fid, reconstruction_metrics
-        from emu_lightning.metrics.semantic import SemanticAccuracy, load_scene_classifier
-
         pixels = batch["pixel_values"]
         gen = torch.Generator().manual_seed(self.eval_seed + batch_idx)   # same noise every evaluation
         recon = self.decode(self.condition(pixels), generator=gen)         # (B,3,S,S) in [0,1]
         real = (self.target_images(pixels) + 1) / 2
         self._metric(f"{name}_recon", reconstruction_metrics).update(recon, real)
         if self.semantic_classifier and "scenes" in batch:
-            classifier = self._classifier(load_scene_classifier)
+            classifier = self._classifier()
             self._metric(f"{name}_semantic", lambda: SemanticAccuracy(classifier)).update(recon, batch["scenes"])
         if self.fid_feature:
-            classifier = self._classifier(load_scene_classifier) if self.fid_feature == "scene" else None
+            classifier = self._classifier() if self.fid_feature == "scene" else None
             fid = self._metric(f"{name}_fid", lambda: make_fid(self.fid_feature, classifier, self.fid_weights))
             fid.update(real, real=True)
             fid.update(recon, real=False)
@@ -290,14 +289,14 @@ class DecoderSystem(PartsSystem):
         if not rows:
             rows += [real[: self.num_samples].cpu(), recon[: self.num_samples].cpu()]
 
-    def _classifier(self, load: Any) -> nn.Module:
+    def _classifier(self) -> nn.Module:
         # Held in a dict, not as an attribute: an nn.Module attribute would become a submodule, and the frozen
         # judge would land in every checkpoint (and break loading it into a fresh system).
         if "scene" not in self._judges:
             if not self.semantic_classifier:
                 raise ValueError("fid_feature='scene' needs semantic_classifier: the path of a trained scene "
                                  "classifier (benchmarks/scene_classifier.py writes one)")
-            self._judges["scene"] = load(self.semantic_classifier).to(self.device).eval().requires_grad_(False)
+            self._judges["scene"] = load_scene_classifier(self.semantic_classifier).to(self.device).eval().requires_grad_(False)
         return self._judges["scene"]
 
     def _log_metrics(self) -> None:
@@ -305,8 +304,7 @@ class DecoderSystem(PartsSystem):
             name, kind = key.rsplit("_", 1)
             value = self.metrics[key].compute()
             values = value if isinstance(value, dict) else {"fid": value}
+            prefix = "semantic_" if kind == "semantic" else ""     # recon: psnr / ssim; semantic: color / shape / ...
             for metric, v in values.items():
-                label = {"PeakSignalNoiseRatio": "psnr", "StructuralSimilarityIndexMeasure": "ssim"}.get(metric, metric)
-                prefix = "semantic_" if kind == "semantic" else ""
-                self.log(f"{name}/{prefix}{label}", float(v), add_dataloader_idx=False, sync_dist=False)
+                self.log(f"{name}/{prefix}{metric}", float(v), add_dataloader_idx=False, sync_dist=False)
             self.metrics[key].reset()
