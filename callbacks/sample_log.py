@@ -6,13 +6,7 @@ import lightning as L
 import torch
 from torchvision.utils import make_grid
 
-from emu_lightning.data.datamodule import CLIP_MEAN, CLIP_STD
-
-
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """(n,3,H,W) CLIP-normalised → [0,1]."""
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (images * std + mean).clamp(0, 1)
+from emu_lightning.data.datamodule import denormalize
 
 
 class SampleLog(L.Callback):

@@ -19,6 +19,13 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # EMU_SPEC §1 preprocessing
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """(n,3,H,W) CLIP-normalised → [0,1] pixels (on the images' device)."""
+    mean = images.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
 def image_transform(size: int) -> T.Compose:
     """Resize (bicubic) → [0,1] → CLIP normalisation: PIL → (3,size,size) float."""
     return T.Compose([T.ToImage(), T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC,

@@ -16,6 +16,9 @@ from torch import Tensor, nn
 
 from components.base import Adapter, CausalLM, VisualEncoder
 from components.multimodal import scatter_visual
+from lightning.pytorch.utilities import rank_zero_info
+
+from emu_lightning.checkpointing import load_parts
 from emu_lightning.data.tokenizer import load_tokenizer
 from emu_lightning.data.tokens import SpecialIds
 from emu_lightning.systems.policy import StagePolicy
@@ -44,10 +47,21 @@ class PartsSystem(L.LightningModule):
         self.policy = policy
         self.optimizer_factory, self.warmup, self.min_lr_ratio = optimizer, warmup, min_lr_ratio
 
+    # Stage hand-off: subclasses that start from an earlier stage set `init_from` and `handoff` {part: prefix}.
+    init_from: str | None = None
+    handoff: dict[str, str] = {}
+    handoff_report = None
+
     @property
     def parts(self) -> dict[str, nn.Module]:
         """Named parts the policy, optimizer and audit talk about."""
         raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        # The hand-off runs once, before Lightning restores a `ckpt_path` (which then wins, as on resume).
+        if self.init_from and self.handoff_report is None:
+            self.handoff_report = load_parts(self.parts, self.init_from, self.handoff)
+            rank_zero_info(str(self.handoff_report))
 
     def train(self, mode: bool = True) -> PartsSystem:
         # Frozen parts stay in eval mode (no dropout, fixed norms) even while the system trains.

@@ -18,15 +18,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from components.base import Adapter, VisualEncoder
 from components.decoder.sampling import SD_SCHEDULE, make_scheduler, sample
 from components.decoder.space import LatentSpace, PixelSpace
 from components.decoder.unet import VisualDecoderUNet
-from emu_lightning.checkpointing import load_parts
-from emu_lightning.data.datamodule import CLIP_MEAN, CLIP_STD
+from emu_lightning.data.datamodule import denormalize
 from emu_lightning.data.tokenizer import load_tokenizer
 from emu_lightning.metrics.image_quality import make_fid, reconstruction_metrics
 from emu_lightning.metrics.semantic import SemanticAccuracy, load_scene_classifier
@@ -35,13 +33,6 @@ from emu_lightning.systems.policy import StagePolicy
 
 CONDITIONS = ("pooled", "adapter")
 NULL_CONDITIONS = ("zero_image", "zeros")
-
-
-def to_unit(pixel_values: Tensor) -> Tensor:
-    """(B,3,H,W) CLIP-normalised encoder input → [0,1] pixels."""
-    mean = pixel_values.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = pixel_values.new_tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (pixel_values * std + mean).clamp(0, 1)
 
 
 class DecoderSystem(PartsSystem):
@@ -117,7 +108,6 @@ class DecoderSystem(PartsSystem):
         self.ema_decay = ema_decay
         self.init_from = init_from
         self.handoff = handoff or {"encoder": "encoder", "adapter": "adapter"}
-        self.handoff_report = None
         self.sampler, self.sample_steps, self.guidance_scale = sampler, sample_steps, guidance_scale
         self.eval_seed, self.num_samples, self.max_bad_steps = eval_seed, num_samples, max_bad_steps
         self.semantic_classifier, self.fid_feature, self.fid_weights = semantic_classifier, fid_feature, fid_weights
@@ -143,12 +133,6 @@ class DecoderSystem(PartsSystem):
     def num_image_tokens(self) -> int:
         return self.adapter.num_tokens
 
-    def setup(self, stage: str) -> None:
-        # The hand-off runs once, before Lightning restores a `ckpt_path` (which then wins, as on resume).
-        if self.init_from and self.handoff_report is None:
-            self.handoff_report = load_parts(self.parts, self.init_from, self.handoff)
-            rank_zero_info(str(self.handoff_report))
-
     def encoder_input(self, pixel_values: Tensor) -> Tensor:
         """Batch images → the encoder's resolution (bicubic), so one batch serves a 448-px encoder and a
         1024-px decoder target (Emu2)."""
@@ -173,7 +157,7 @@ class DecoderSystem(PartsSystem):
 
     def target_images(self, pixel_values: Tensor) -> Tensor:
         """(B,3,H,W) encoder input → (B,3,S,S) decoder target in [-1,1] (S = image_size)."""
-        x = to_unit(pixel_values)
+        x = denormalize(pixel_values)
         if x.shape[-1] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
                               align_corners=False)

@@ -24,7 +24,6 @@ from components.llm.regression_head import RegressionHead
 from components.losses.regression import regression_loss
 from components.losses.text import token_ce
 from components.multimodal import image_run_index
-from emu_lightning.checkpointing import load_parts
 from emu_lightning.data.sequence import SequenceCollator, pad
 from emu_lightning.systems.base import EmuSystem
 from emu_lightning.systems.multimodal_eval import MultimodalEval
@@ -70,17 +69,10 @@ class Stage2System(MultimodalEval, EmuSystem):
                              f"{target_space!r} needs {self.llm.hidden_dim}→{want}")
         self.target_space, self.text_weight, self.regression_weight = target_space, text_weight, regression_weight
         self.init_from, self.handoff = init_from, handoff or {"encoder": "encoder", "adapter": "adapter", "llm": "llm"}
-        self.handoff_report = None
         self.shots, self.video_shots, self.selection = list(shots), list(video_shots), list(selection)
         self.max_new_tokens, self.answer_max_new_tokens, self.num_beams = max_new_tokens, answer_max_new_tokens, num_beams
         self.counters = {"truncated": 0, "skipped": 0}
         self.eval_samples: dict[str, list] = {}  # set → [(image, zero-shot caption, reference)] for SampleLog
-
-    def setup(self, stage: str) -> None:
-        # The hand-off runs once, before Lightning restores a `ckpt_path` (which then wins, as on resume).
-        if self.init_from and self.handoff_report is None:
-            self.handoff_report = load_parts(self.parts, self.init_from, self.handoff)
-            print(self.handoff_report)
 
     def feedback(self, pred: Tensor) -> Tensor:
         """A regressed embedding → the next input embedding (Emu1: itself; Emu2: project_up(project_down(h)))."""
