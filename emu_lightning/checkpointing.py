@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from emu_lightning.checkpoint_io import safe_load
+
 
 @dataclass
 class HandoffReport:
@@ -30,10 +32,11 @@ class HandoffReport:
 
 
 def read_state_dict(path: str) -> dict[str, Tensor]:
-    """The model state of a Lightning checkpoint or a plain `torch.save`d state dict."""
+    """The model state of a Lightning checkpoint or a plain `torch.save`d state dict (read `weights_only`: a file
+    that pickles arbitrary objects is refused, see `checkpoint_io.safe_load`)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"hand-off checkpoint not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = safe_load(path)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path}: neither a Lightning checkpoint with 'state_dict' nor a state dict of tensors")

@@ -1,18 +1,29 @@
 """EmuCLI: `main.py fit|validate|test|predict --config recipe.yaml`, LightningCLI with Emu's links.
 
 The model owns the tokenizer and N (visual tokens per image); both are linked into the datamodule, so
-swapping the adapter is one `class_path` line and the collate always agrees with it.
+swapping the adapter is one `class_path` line and the collate always agrees with it. Checkpoints are written
+atomically and read `weights_only` (`SafeCheckpointIO`) unless the recipe's `trainer.plugins` names another
+CheckpointIO.
 """
 from __future__ import annotations
 
 import os
+import pickle
+import signal
 
 # Nothing is ever fetched from a hub: weights and tokenizers come from local paths in the recipe.
 # huggingface_hub reads this once at import, so it is set before anything imports transformers.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lightning.pytorch.cli import LightningCLI
+from typing import Any
 
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from callbacks.hparams import ConfigToTensorBoard
+from emu_lightning.checkpoint_io import SafeCheckpointIO, refusal
 from emu_lightning.systems.base import PartsSystem
 
 
@@ -30,6 +41,32 @@ class EmuCLI(LightningCLI):
             cfg.trainer.callbacks = [c for c in cfg.trainer.callbacks if not c.class_path.endswith("ProgressBar")]
 
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads `ckpt_path`'s hyper-parameters first (weights_only=True): its refusal gets our message.
+        try:
+            super()._parse_ckpt_path()
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+            raise refusal(self.config[self.config.subcommand].get("ckpt_path"), err) from None
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, SafeCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> EmuCLI:
     return EmuCLI(PartsSystem, subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
-                  save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf"})
+                  save_config_callback=ConfigToTensorBoard, save_config_kwargs={"overwrite": True},
+                  parser_kwargs={"parser_mode": "omegaconf"})
+
+
+def main(args: list[str] | None = None) -> int:
+    """`main.py`'s entry: the CLI's exit status. A SIGTERM'd fit (`CheckpointOnSigterm` saved `last.ckpt`)
+    exits 143 as a SIGTERM'd process does, so launchers and the sweep runner do not take it for a success."""
+    try:
+        cli_main(args)
+    except SIGTERMException:
+        return 128 + signal.SIGTERM
+    return 0

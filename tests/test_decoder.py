@@ -363,7 +363,8 @@ def test_nan_loss_skips_then_stops(cause, monkeypatch):
     for i in range(2):
         assert system.training_step(batch, i) is None
         assert system.bad_steps == i + 1
-    with pytest.raises(RuntimeError, match=r"at step 0: 3 non-finite losses, more than max_bad_steps=2"):
+    with pytest.raises(RuntimeError, match=r"step 0: non-finite loss \(loss terms: diffusion_loss=nan.*3 non-finite "
+                                           r"steps in the last 1000 steps \(steps \[0, 0, 0\]\), more than max_bad_steps=2"):
         system.training_step(batch, 2)
 
 

@@ -56,6 +56,21 @@ def test_cli_fit_logs_and_resumes(recipe, tmp_path, monkeypatch):
         assert tag in scalars, (tag, sorted(scalars))
     assert "val/samples" in events.Tags()["images"]
     assert any("val/captions" in t for t in events.Tags()["tensors"])  # add_text lands as a tensor summary
+    # Throughput (log_every_n_steps 1): positive rates, a wait fraction in [0, 1).
+    for tag in ["throughput/samples_per_sec", "throughput/tokens_per_sec", "lr-AdamW/llm"]:
+        assert tag in scalars, (tag, sorted(scalars))
+    assert all(e.value > 0 for e in events.Scalars("throughput/samples_per_sec"))
+    assert all(0 <= e.value < 1 for e in events.Scalars("throughput/data_wait_frac"))
+    # The resolved config: YAML text, and its scalar leaves in the HPARAMS tab (the adapter named by class).
+    assert any(t.startswith("config") for t in events.Tags()["tensors"])
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hp = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    adapter = "CFormer" if recipe == "stage1_cformer" else "MeanPoolProjector"
+    assert hp["model.init_args.adapter.class_path"].string_value.endswith(adapter)
+    assert hp["trainer.max_steps"].number_value == 2
+    assert "hp_metric" not in scalars          # the model's own hparams are not logged a second time
 
     resumed = cli_main(["fit", "--config", base, "--config", _overlay(tmp_path, 4), "--ckpt_path", str(last)])
     assert resumed.trainer.global_step == 4

@@ -43,6 +43,7 @@ class CFormer(nn.Module):
         num_heads: Attention heads; d_kv = d_model // num_heads.
         d_ff: Hidden width of the ReLU FFN (Emu1: 3072).
         dropout: T5 dropout rate (Emu1: 0.1).
+        ln_eps: epsilon of `ln_visual` (torch's default 1e-5; the Emu1 release uses 1e-6).
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class CFormer(nn.Module):
         num_heads: int = 4,
         d_ff: int = 512,
         dropout: float = 0.0,
+        ln_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if d_model % num_heads:
@@ -62,7 +64,7 @@ class CFormer(nn.Module):
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.num_tokens = num_queries
-        self.ln_visual = nn.LayerNorm(in_dim)
+        self.ln_visual = nn.LayerNorm(in_dim, eps=ln_eps)
         self.causal_tokens = nn.Parameter(torch.randn(num_queries, d_model) * 0.02)  # (N,d_model)
         self.cformer = T5Stack(t5_decoder_config(d_model, num_layers, num_heads, d_ff, dropout))
         self.cformer.embed_tokens = None  # queries are fed as inputs_embeds; no word embedding

@@ -43,6 +43,7 @@ class EVAEncoder(nn.Module):
         depth: Override of the number of blocks; None keeps it.
         embed_dim: Override of the width D_enc; None keeps it.
         num_heads: Override of the number of attention heads; None keeps it.
+        mlp_ratio: Override of the MLP hidden width / D_enc; None keeps it (a converted release states its own).
         layer: Which block's output to return, Python-style index (-1 last, -2 penultimate).
         drop_cls: Drop the prefix (CLS) token(s) from the output (Emu2) or keep them (Emu1).
         checkpoint_path: Local timm- or open_clip-format state dict (.safetensors / .pt / .bin); None = random.
@@ -57,6 +58,7 @@ class EVAEncoder(nn.Module):
         depth: int | None = None,
         embed_dim: int | None = None,
         num_heads: int | None = None,
+        mlp_ratio: float | None = None,
         layer: int = -1,
         drop_cls: bool = False,
         checkpoint_path: str | None = None,
@@ -65,7 +67,7 @@ class EVAEncoder(nn.Module):
         super().__init__()
         overrides: dict[str, Any] = {"img_size": img_size, "num_classes": 0}
         for key, value in (("patch_size", patch_size), ("depth", depth),
-                           ("embed_dim", embed_dim), ("num_heads", num_heads)):
+                           ("embed_dim", embed_dim), ("num_heads", num_heads), ("mlp_ratio", mlp_ratio)):
             if value is not None:
                 overrides[key] = value
         trunk = timm.create_model(model_name, pretrained=False, **overrides)

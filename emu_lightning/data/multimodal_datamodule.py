@@ -14,7 +14,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from emu_lightning.data.datamodule import NamedEvalSets, image_transform
-from emu_lightning.data.mixture import SourceMixture, step_counts
+from emu_lightning.data.mixture import ResumableLoader, SourceMixture, Step, step_counts
 from emu_lightning.data.sequence import Layout, SequenceCollator
 
 
@@ -24,6 +24,16 @@ def _synthetic(kind: str, split: str, size: int, image_size: int) -> Dataset:
     cls = {"captions": synthetic.SyntheticCaptions, "vqa": synthetic.SyntheticVQA,
            "documents": synthetic.SyntheticDocuments, "videos": synthetic.SyntheticVideos}[kind]
     return cls(split=split, size=size, image_size=image_size)
+
+
+class _TrainCollate:
+    """A step's documents → a batch, carrying the stream position after it (`stream_state`)."""
+
+    def __init__(self, collate: SequenceCollator):
+        self.collate = collate
+
+    def __call__(self, step: Step) -> dict:
+        return {**self.collate(step), "stream_state": step.state}
 
 
 class _EvalCollate:
@@ -142,8 +152,17 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         layouts = {n: self.layout(k, train=True) for n, k in self.layout_kinds.items()}
         stream = SourceMixture(self.train_sets, self.counts, layouts, self.transform, self.seed)
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=self.collator(),
-                          persistent_workers=self.num_workers > 0)
+        self._train_loader = ResumableLoader(stream, num_workers=self.num_workers,
+                                             collate_fn=_TrainCollate(self.collator()),
+                                             persistent_workers=self.num_workers > 0)
+        return self._train_loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # The batch the model is about to train on: its stream position is what a checkpoint must record.
+        if isinstance(batch, dict) and "stream_state" in batch:
+            batch = dict(batch)
+            self._train_loader.consumed(batch.pop("stream_state"))
+        return batch
 
     def _eval_loader(self, ds: Dataset) -> DataLoader:
         collate = _EvalCollate(self, self.layout(Layout.infer(ds[0]), train=False))

@@ -21,12 +21,25 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from emu_lightning.data.sequence import SkipSample
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
-def _load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+class BadImage(SkipSample):
+    """An image file that exists but does not decode (truncated, corrupt, not an image). The stage-2 mixture skips
+    and counts the sample; elsewhere it is an error naming the file."""
+
+
+def _load_rgb(path: Path, where: str = "") -> Image.Image:
+    """The image at `path` as RGB; an undecodable file raises `BadImage` naming it (and `where` it is listed)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise BadImage(f"{where}image {path} does not decode ({type(err).__name__}: {err})") from None
 
 
 class CocoCaptions(Dataset):
@@ -47,19 +60,26 @@ class CocoCaptions(Dataset):
         self.annotations, self.image_dir = Path(annotations), Path(image_dir)
         if not self.annotations.is_file():
             raise FileNotFoundError(f"COCO annotation file not found: {self.annotations}")
-        with open(self.annotations) as f:
-            data = json.load(f)
-        images = self._field(data, "images", "top level")
-        anns = self._field(data, "annotations", "top level")
+        try:
+            with open(self.annotations, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.annotations}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.annotations}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        images = self._field(data, "images", "top level", list)
+        anns = self._field(data, "annotations", "top level", list)
         captions: dict[int, list[str]] = {}
         for i, ann in enumerate(anns):
-            image_id = self._field(ann, "image_id", f"annotations[{i}]")
-            caption = str(self._field(ann, "caption", f"annotations[{i}]")).strip()
+            image_id = self._field(ann, "image_id", f"annotations[{i}]", (int, str))
+            caption = self._field(ann, "caption", f"annotations[{i}]", str).strip()
+            if not caption:
+                raise ValueError(f"{self.annotations}: annotations[{i}] (image_id {image_id}) has an empty 'caption'")
             captions.setdefault(image_id, []).append(caption)
         self.items: list[tuple[str, str, list[str]]] = []
         for i, img in enumerate(images):
-            image_id = self._field(img, "id", f"images[{i}]")
-            file_name = self._field(img, "file_name", f"images[{i}]")
+            image_id = self._field(img, "id", f"images[{i}]", (int, str))
+            file_name = self._field(img, "file_name", f"images[{i}]", str)
             if image_id not in captions:
                 raise ValueError(
                     f"{self.annotations}: images[{i}] (id {image_id}, {file_name}) has no caption"
@@ -74,10 +94,15 @@ class CocoCaptions(Dataset):
             for _, file_name, _ in self.items:
                 self._path(file_name)
 
-    def _field(self, entry: dict, name: str, where: str):
+    def _field(self, entry: dict, name: str, where: str, kind: type | tuple[type, ...]):
         if not isinstance(entry, dict) or name not in entry:
             raise ValueError(f"{self.annotations}: {where} lacks required field {name!r}")
-        return entry[name]
+        value = entry[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise ValueError(f"{self.annotations}: {where} field {name!r} is {value!r:.60} "
+                             f"({type(value).__name__}); expected {expected}")
+        return value
 
     def _path(self, file_name: str) -> Path:
         path = self.image_dir / file_name
@@ -90,7 +115,8 @@ class CocoCaptions(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image_id, file_name, captions = self.items[index]
-        return {"id": image_id, "image": _load_rgb(self._path(file_name)), "captions": list(captions)}
+        image = _load_rgb(self._path(file_name), f"{self.annotations} (image id {image_id}): ")
+        return {"id": image_id, "image": image, "captions": list(captions)}
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:
@@ -158,10 +184,16 @@ class WebDatasetPairs(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         self.stats = Counter()
         for shard in self.my_shards():
-            for key, files in self._groups(shard):
-                sample = self._decode(shard, key, files)
-                if sample is not None:
-                    yield sample
+            try:
+                for key, files in self._groups(shard):
+                    sample = self._decode(shard, key, files)
+                    if sample is not None:
+                        yield sample
+            except (tarfile.TarError, EOFError, OSError) as err:
+                # A truncated or corrupt shard: what was read is kept, the rest of the shard is skipped and counted.
+                self.stats["skipped/bad_shard"] += 1
+                warnings.warn(f"{shard}: unreadable tar past sample {self.stats['seen']} ({type(err).__name__}: "
+                              f"{err}); the rest of this shard is skipped")
         if self.stats["seen"] and not self.stats["ok"]:
             n_seen = self.stats["seen"]
             raise RuntimeError(f"WebDatasetPairs: all {n_seen} samples skipped; {dict(self.stats)}")
@@ -203,6 +235,8 @@ class WebDatasetPairs(IterableDataset):
             if text is None and "json" in files:
                 text = json.loads(files["json"]).get("caption")
         except (ValueError, AttributeError):  # UnicodeDecodeError / JSONDecodeError / non-dict JSON
+            return self._skip(shard, key, "bad_text")
+        if text is not None and not isinstance(text, str):
             return self._skip(shard, key, "bad_text")
         if not text:
             return self._skip(shard, key, "missing_text")

@@ -23,12 +23,14 @@ def _read_jsonl(path: Path, kind: str) -> Iterator[tuple[int, dict]]:
     """``(line_no, object)`` for each non-blank line (1-based); bad JSON -> ValueError naming the line."""
     if not path.is_file():
         raise FileNotFoundError(f"{kind} file not found: {path}")
-    with open(path) as f:
+    with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             try:
-                entry = json.loads(raw)
+                entry = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte {e.start}: {e.reason})") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(entry, dict):
@@ -102,7 +104,7 @@ class Mmc4Documents(Dataset):
         doc_id, texts, images = self.items[index]
         return {
             "id": doc_id,
-            "images": [_load_rgb(self._path(name, doc_id)) for _, name in images],
+            "images": [_load_rgb(self._path(name, doc_id), f"{self.jsonl} (document {doc_id!r}): ") for _, name in images],
             "texts": list(texts),
             "image_text_index": [idx for idx, _ in images],
         }
@@ -172,7 +174,7 @@ class VideoFolder(Dataset):
     def __getitem__(self, index: int) -> dict:
         where, entry = self.items[index]
         frames = self._frames(where, entry)
-        item = {"id": entry["id"], "frames": [_load_rgb(p) for p in frames],
+        item = {"id": entry["id"], "frames": [_load_rgb(p, f"{where}: ") for p in frames],
                 "subtitles": self._subtitles(where, entry, len(frames))}  # fmt: skip
         if "question" in entry:
             item["question"] = entry["question"]

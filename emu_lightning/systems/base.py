@@ -16,11 +16,13 @@ from torch import Tensor, nn
 
 from components.base import Adapter, CausalLM, VisualEncoder
 from components.multimodal import scatter_visual
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from emu_lightning.checkpoint_io import rng_state, set_rng_state
 from emu_lightning.checkpointing import load_parts
 from emu_lightning.data.tokenizer import load_tokenizer
 from emu_lightning.data.tokens import SpecialIds
+from emu_lightning.systems.guard import NonFiniteGuard
 from emu_lightning.systems.policy import StagePolicy
 
 
@@ -33,19 +35,28 @@ class PartsSystem(L.LightningModule):
     learning rates, linear-warmup + cosine schedule, frozen parts kept in eval mode, named-loss logging.
 
     Every stage (captioning, unified pretraining, the visual decoder) is one; subclasses set `parts`.
+    All share one NaN / Inf guard (`checked_loss` in the training step, gradients before each optimizer step;
+    see `guard.py`), and checkpoints carry the guard's counts, `counters` and the process RNG states, so a
+    resumed run continues exactly where it stopped.
 
     Args:
         policy: what trains and the learning rate of each part.
         optimizer: optimizer factory taking parameter groups (AdamW β (.9,.95), eps 1e-6 by default).
         warmup: fraction of the run spent in linear warmup before cosine decay.
         min_lr_ratio: floor of the cosine schedule, as a fraction of each group's peak lr.
+        max_bad_steps: non-finite steps (loss or gradient; each is skipped) tolerated within `bad_step_window`.
+        bad_step_window: window of the count, in optimizer steps; None = the whole run.
     """
 
     def __init__(self, policy: StagePolicy, optimizer: OptimizerCallable = _adamw, warmup: float = 0.02,
-                 min_lr_ratio: float = 0.1):
+                 min_lr_ratio: float = 0.1, max_bad_steps: int = 10, bad_step_window: int | None = 1000):
         super().__init__()
         self.policy = policy
         self.optimizer_factory, self.warmup, self.min_lr_ratio = optimizer, warmup, min_lr_ratio
+        self.guard = NonFiniteGuard(max_bad_steps, bad_step_window)
+        self.counters: dict[str, int] = {}        # run totals a stage logs (truncated, skipped); checkpointed
+        self._terms: dict[str, Tensor] = {}       # this step's loss terms, named by the guard
+        self._rng_to_restore: dict | None = None
 
     # Stage hand-off: subclasses that start from an earlier stage set `init_from` and `handoff` {part: prefix}.
     init_from: str | None = None
@@ -85,6 +96,75 @@ class PartsSystem(L.LightningModule):
             self.log(f"{stage}/{name}", value, batch_size=batch_size, prog_bar=name == "loss",
                      sync_dist=stage != "train", add_dataloader_idx=False)
 
+    # --- NaN / Inf guard ------------------------------------------------------------------------------------
+
+    @property
+    def bad_steps(self) -> int:
+        """Steps skipped for a non-finite loss or gradient so far."""
+        return self.guard.total
+
+    def _all_ranks(self, ok: bool) -> bool:
+        # Every rank skips together, or none does (DDP / FSDP must stay in step).
+        return self.trainer.strategy.reduce_boolean_decision(ok, all=True) if self._trainer is not None else ok
+
+    def _skip(self, what: str, detail: str = "") -> None:
+        step = self.trainer.global_step if self._trainer is not None else 0
+        rank_zero_warn(self.guard.record(step, what, self._terms, detail))
+        if self._trainer is not None:
+            self.log("train/bad_steps", float(self.guard.total))
+
+    def checked_loss(self, losses: dict[str, Tensor]) -> Tensor | None:
+        """`losses["loss"]`, or None when it is not finite on some rank: returning None from `training_step`
+        skips backward and the optimizer step. Counted by the guard, which stops the run past its limit."""
+        self._terms = {k: v.detach() for k, v in losses.items()}
+        if self._all_ranks(bool(torch.isfinite(losses["loss"]))):
+            return losses["loss"]
+        self._skip("loss")
+        return None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # A non-finite gradient (with a finite loss) skips the step too: with every grad set to None the
+        # optimizer leaves every parameter and its state as they are. Runs before gradient clipping, which
+        # would otherwise spread the NaN. Under fp16 AMP the GradScaler already skips overflowing steps.
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = {id(p): p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None}
+        if not grads:
+            return  # the loss was skipped: no backward ran
+        finite = torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()
+        if self._all_ranks(bool(finite)):
+            return
+        names = [n for n, p in self.named_parameters() if id(p) in grads and not torch.isfinite(grads[id(p)]).all()]
+        optimizer.zero_grad(set_to_none=True)
+        self._skip("gradient", f"; non-finite gradients in {len(names)} tensors: {names[:3]}")
+
+    def on_train_epoch_end(self) -> None:
+        # The run's fault counts, in the log at every epoch end (an endless stream's one epoch ends with the fit).
+        counts = ", ".join(f"{k}: {v}" for k, v in self.counters.items())
+        rank_zero_info(f"epoch {self.current_epoch} end, step {self.global_step}: data {counts or 'no counters'}; "
+                       f"non-finite steps skipped: {self.guard.total}")
+
+    # --- checkpoint state: guard, counters, RNG ----------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["emu_state"] = {"guard": self.guard.state_dict(), "counters": dict(self.counters),
+                                   "rng": rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("emu_state")
+        if state is None:
+            return  # a checkpoint from before this state was saved: weights and loops only
+        self.guard.load_state_dict(state["guard"])
+        self.counters.update(state["counters"])
+        self._rng_to_restore = state["rng"]
+
+    def on_train_start(self) -> None:
+        # Restored here, not at load: building the train DataLoader iterator draws from the torch RNG, which the
+        # uninterrupted run did once at its start, not at the step it was saved.
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
     def configure_optimizers(self) -> dict:
         optimizer = self.optimizer_factory(self.policy.param_groups(self.parts))
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -108,17 +188,26 @@ class EmuSystem(PartsSystem):
         adapter: C-Former or mean-pool projector, (B,L,D_enc) → (B,N,D_llm).
         llm: causal LM; its vocabulary is resized to the tokenizer's (new rows = mean embedding).
         tokenizer: local tokenizer path; None = the synthetic BPE.
-        policy, optimizer, warmup, min_lr_ratio: see `PartsSystem`.
+        policy, optimizer, warmup, min_lr_ratio, max_bad_steps, bad_step_window: see `PartsSystem`.
         extra_parts: further named parts a stage adds (stage 2: the regression head); set by subclasses.
     """
 
     def __init__(self, encoder: VisualEncoder, adapter: Adapter, llm: CausalLM, tokenizer: str | None = None,
                  policy: StagePolicy | None = None, optimizer: OptimizerCallable = _adamw,
-                 warmup: float = 0.02, min_lr_ratio: float = 0.1, extra_parts: dict[str, nn.Module] | None = None):
+                 warmup: float = 0.02, min_lr_ratio: float = 0.1, max_bad_steps: int = 10,
+                 bad_step_window: int | None = 1000, extra_parts: dict[str, nn.Module] | None = None):
         super().__init__(policy or StagePolicy(lr={"encoder": 5e-5, "adapter": 1e-4, "llm": 3e-5}), optimizer,
-                         warmup, min_lr_ratio)
+                         warmup, min_lr_ratio, max_bad_steps, bad_step_window)
         self.save_hyperparameters(ignore=["encoder", "adapter", "llm", "optimizer", "extra_parts",
-                                          "regression_head"])
+                                          "regression_head"], logger=False)   # the CLI logs the full config
+        # Widths must chain encoder → adapter → LLM; checked here, at start-up, before any data is read.
+        if encoder.embed_dim != adapter.in_dim:
+            raise ValueError(f"encoder width (encoder.embed_dim={encoder.embed_dim}, {type(encoder).__name__}) does "
+                             f"not match the adapter's input width (adapter.in_dim={adapter.in_dim}, "
+                             f"{type(adapter).__name__})")
+        if adapter.out_dim != llm.hidden_dim:
+            raise ValueError(f"adapter output width (adapter.out_dim={adapter.out_dim}, {type(adapter).__name__}) "
+                             f"does not match the LLM width (llm.hidden_dim={llm.hidden_dim}, {type(llm).__name__})")
         self.encoder, self.adapter, self.llm = encoder, adapter, llm
         self._extra_parts = list(extra_parts or {})
         for name, module in (extra_parts or {}).items():

@@ -55,7 +55,7 @@ class DecoderSystem(PartsSystem):
         semantic_classifier: path of a trained scene classifier (safetensors); None skips the semantic check.
         fid_feature: FID feature network: `scene` (the scene classifier's features, no download) or
             `inception` with `fid_weights` a local Inception file; None skips FID.
-        max_bad_steps: non-finite losses tolerated (each skips its step) before the run stops.
+        max_bad_steps, bad_step_window: the NaN / Inf guard (see `PartsSystem`).
         tokenizer: linked into the caption datamodule (the decoder itself reads no text).
         num_samples: images per evaluation set shown in the TensorBoard grid.
     """
@@ -67,11 +67,12 @@ class DecoderSystem(PartsSystem):
                  handoff: dict[str, str] | None = None, sampler: str = "ddim", sample_steps: int = 25,
                  guidance_scale: float = 3.0, eval_seed: int = 0, semantic_classifier: str | None = None,
                  fid_feature: str | None = "scene", fid_weights: str | None = None, max_bad_steps: int = 10,
-                 tokenizer: str | None = None, num_samples: int = 8, policy: StagePolicy | None = None,
+                 bad_step_window: int | None = 1000, tokenizer: str | None = None, num_samples: int = 8,
+                 policy: StagePolicy | None = None,
                  optimizer: OptimizerCallable = _adamw, warmup: float = 0.02, min_lr_ratio: float = 0.1):
         super().__init__(policy or StagePolicy(trainable=["unet"], lr={"unet": 1e-4}, weight_decay=0.01),
-                         optimizer, warmup, min_lr_ratio)
-        self.save_hyperparameters(ignore=["encoder", "adapter", "unet", "space", "optimizer"])
+                         optimizer, warmup, min_lr_ratio, max_bad_steps, bad_step_window)
+        self.save_hyperparameters(ignore=["encoder", "adapter", "unet", "space", "optimizer"], logger=False)
         if condition not in CONDITIONS:
             raise ValueError(f"condition={condition!r}; expected one of {CONDITIONS}")
         if null_condition not in NULL_CONDITIONS:
@@ -109,11 +110,10 @@ class DecoderSystem(PartsSystem):
         self.init_from = init_from
         self.handoff = handoff or {"encoder": "encoder", "adapter": "adapter"}
         self.sampler, self.sample_steps, self.guidance_scale = sampler, sample_steps, guidance_scale
-        self.eval_seed, self.num_samples, self.max_bad_steps = eval_seed, num_samples, max_bad_steps
+        self.eval_seed, self.num_samples = eval_seed, num_samples
         self.semantic_classifier, self.fid_feature, self.fid_weights = semantic_classifier, fid_feature, fid_weights
         self.tokenizer = load_tokenizer(tokenizer)
         self.policy.apply(self.parts)
-        self.bad_steps = 0
         # "<set>_<metric>" → metric, made on first use. A plain dict, not a ModuleDict: the FID feature network
         # and scene classifier must stay out of the checkpoint and the parameter audit.
         self.metrics: dict[str, Any] = {}
@@ -196,20 +196,10 @@ class DecoderSystem(PartsSystem):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         losses = self.losses(batch)
-        finite = bool(torch.isfinite(losses["loss"]))
-        if self._trainer is not None:  # every rank skips together, or none does (DDP/FSDP must stay in step)
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
-            # A non-finite loss skips the step (returning None skips backward and the optimizer step).
-            self.bad_steps += 1
-            self.log("train/bad_steps", float(self.bad_steps))
-            if self.bad_steps > self.max_bad_steps:
-                raise RuntimeError(f"diffusion loss is {losses['loss'].item()} at step {self.global_step}: "
-                                   f"{self.bad_steps} non-finite losses, more than max_bad_steps="
-                                   f"{self.max_bad_steps}; lower the learning rate or check the inputs")
-            return None
-        self.log_losses(losses, "train", len(batch["pixel_values"]))
-        return losses["loss"]
+        loss = self.checked_loss(losses)   # None: non-finite, the step is skipped and counted (PartsSystem)
+        if loss is not None:
+            self.log_losses(losses, "train", len(batch["pixel_values"]))
+        return loss
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
         # Once per optimizer step (not per micro-batch under gradient accumulation).

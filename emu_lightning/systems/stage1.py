@@ -32,7 +32,7 @@ class Stage1System(EmuSystem):
         self.max_new_tokens, self.num_beams, self.num_samples = max_new_tokens, num_beams, num_samples
         self.metrics = nn.ModuleDict()            # "<set>_<decode>" → metric, made on first use
         self.eval_samples: dict[str, list] = {}   # set → [(image, caption, reference)]
-        self.truncated_total = 0
+        self.counters = {"truncated": 0}           # captions cut at max_length so far (checkpointed)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,
                 visual: Tensor | None = None) -> Tensor:
@@ -44,10 +44,12 @@ class Stage1System(EmuSystem):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         losses = text_loss(self(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]), batch["labels"])
         losses["loss"] = losses["text_loss"]
-        self.log_losses(losses, "train", len(batch["ids"]))
-        self.truncated_total += int(batch["num_truncated"])  # captions cut at max_length so far (this process)
-        self.log("train/truncated_total", float(self.truncated_total))
-        return losses["loss"]
+        self.counters["truncated"] += int(batch["num_truncated"])
+        self.log("train/truncated_total", float(self.counters["truncated"]))
+        loss = self.checked_loss(losses)
+        if loss is not None:
+            self.log_losses(losses, "train", len(batch["ids"]))
+        return loss
 
     @torch.no_grad()
     def caption(self, pixel_values: Tensor | None, prompt_ids: Tensor, num_beams: int = 1,

@@ -128,17 +128,19 @@ class Stage2System(MultimodalEval, EmuSystem):
         targets = self.visual_targets(feats, visual)[regress[:-1]]     # (n_regressed,N,D_enc), reading order
         return pos, targets.reshape(-1, targets.shape[-1]).detach()
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         losses, per_source = self.losses(batch)
         B = len(batch["ids"])
-        self.log_losses(losses, "train", B)
-        for source, terms in per_source.items():
-            self.log_losses({f"{source}/{k}": v for k, v in terms.items()}, "train", B)
         self.counters["truncated"] += int(batch["num_truncated"])
         self.counters["skipped"] += int(batch["num_skipped"])
         for k, v in self.counters.items():
             self.log(f"train/{k}_total", float(v))
-        return losses["loss"]
+        loss = self.checked_loss(losses)   # None: non-finite, the step is skipped and counted
+        if loss is not None:
+            self.log_losses(losses, "train", B)
+            for source, terms in per_source.items():
+                self.log_losses({f"{source}/{k}": v for k, v in terms.items()}, "train", B)
+        return loss
 
     def collator(self) -> SequenceCollator:
         dm = getattr(self._trainer, "datamodule", None) if self._trainer else None

@@ -1,0 +1,105 @@
+"""Checkpoints that survive a kill and refuse what is not data.
+
+`SafeCheckpointIO` is the Trainer's checkpoint plugin (the CLI installs it unless a recipe names another):
+- save: the bytes go to `<name>.tmp-<pid>` in the checkpoint's own folder, are flushed and fsync'ed, then
+  `os.replace`d over the name (atomic on POSIX), so a kill at any moment leaves the previous checkpoint whole.
+  (Lightning's own `_atomic_save` stages through `tempfile.mkstemp()` in the system temp folder; when that is
+  another file system the final move is a copy, which a kill can leave half-written.)
+- load: `torch.load(weights_only=True)` always: tensors and plain containers only. A file that pickles an
+  arbitrary object is refused with a message naming the file and the object.
+
+`rng_state` / `set_rng_state` capture the process RNGs (torch CPU and CUDA, Python, NumPy) as tensors and plain
+containers, so they ride in a `weights_only` checkpoint and a resumed run draws what the uninterrupted one drew.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)`, with errors that name the file and say why.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        ValueError: the file pickles an object other than tensors and plain containers (refused), or it is not a
+            torch checkpoint at all (truncated, corrupt).
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise refusal(path, err) from None
+
+
+def refusal(path: str | os.PathLike, err: BaseException) -> ValueError:
+    """The error of a failed `weights_only` load of `path`: a refused pickled object, or an unreadable file."""
+    if isinstance(err, pickle.UnpicklingError):
+        lines = str(err).strip().splitlines()
+        what = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
+        return ValueError(f"{path}: refused to load: the file pickles an object that is not a tensor or a plain "
+                          f"container ({what.strip()}); only weights_only checkpoints are loaded, since unpickling "
+                          f"an arbitrary object can run code")
+    return ValueError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {type(err).__name__}: {err}")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` to a temporary name in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fd = os.open(path.parent, os.O_RDONLY)   # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Atomic saves, `weights_only` loads (see the module docstring). Local paths only."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"SafeCheckpointIO takes no storage_options, got {storage_options!r}")
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        if weights_only is False:
+            raise ValueError(f"{path}: weights_only=False was asked for; SafeCheckpointIO loads weights_only only")
+        return safe_load(path, map_location or "cpu")
+
+
+def rng_state() -> dict:
+    """The process RNG states, as tensors and plain containers (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

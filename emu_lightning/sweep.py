@@ -1,0 +1,456 @@
+"""Ablation sweeps: recipe overlays × seeds → one run folder each → a results table and plots.
+
+    python -m emu_lightning.sweep recipes/sweeps/adapter.yaml [--parallel 2] [--out DIR] [-- --trainer.max_steps 20]
+
+A sweep file names a base recipe and the axes to vary (see `recipes/sweeps/*.yaml`):
+
+    base: ../debug/stage1_cformer.yaml            # relative to the sweep file
+    overrides: {trainer.max_steps: 300}            # every run (dotted keys)
+    grid:                                          # cartesian product; a list, or label → value
+      model.init_args.adapter: {cformer: ../components/adapter_cformer_debug.yaml,
+                                meanpool: ../components/adapter_meanpool_debug.yaml}
+    runs: [{name: frozen, overrides: {...}}]       # and/or an explicit list (crossed with the grid)
+    seeds: [0, 1]                                  # `seed_everything`; results are mean ± std over seeds
+    metrics: {val/cider_greedy: max, train/loss: min}
+
+Each run is `main.py <subcommand> --config <base> --config <its overlay>` in a subprocess, logging to
+TensorBoard under `<out>/<run>/` (so `tensorboard --logdir <out>` shows the runs side by side) with its
+resolved `config.yaml`, `overlay.yaml`, `run.log` and `status.json` there. A run that fails is recorded
+with its error and the others go on. Running the same command again skips finished runs and continues an
+interrupted one from its `checkpoints/last.ckpt`. The table is read back from the runs' event files:
+`results.csv` (a row per run), `results.md` (a row per configuration) and `plots/<metric>.png`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SEED_KEY = "seed_everything"
+_CHILDREN: set[subprocess.Popen] = set()          # the runs in flight, stopped if the sweep itself is stopped
+_STOPPING = threading.Event()
+SWEEP_KEYS = {"base", "subcommand", "overrides", "grid", "runs", "seeds", "metrics", "parallel", "out"}
+MODES = ("max", "min")
+
+
+@dataclass
+class Run:
+    """One run of a sweep: a configuration (its axis labels and overrides) at one seed."""
+
+    name: str                      # folder name: `<config>` or `<config>,seed=<s>`
+    config: str                    # the configuration without the seed: runs with equal config are aggregated
+    labels: dict[str, str]         # axis → label, for the table's columns
+    overrides: dict[str, Any]      # dotted key → value, the seed included
+    seed: Any = None
+
+
+@dataclass
+class Sweep:
+    path: Path
+    base: Path
+    subcommand: str = "fit"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    axes: dict[str, dict[str, Any]] = field(default_factory=dict)    # dotted key → {label: value}
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    seeds: list[Any] = field(default_factory=list)
+    metrics: dict[str, str] = field(default_factory=dict)            # tag → max | min
+    parallel: int = 1
+    out: Path | None = None
+
+
+def _label(value: Any) -> str:
+    """A short label for a grid value: a fragment path's stem, else the value itself."""
+    if isinstance(value, str) and value.endswith((".yaml", ".yml")):
+        return Path(value).stem
+    return str(value) if not isinstance(value, (dict, list)) else json.dumps(value, sort_keys=True)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=,+-]+", "-", text)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check a sweep file; every error names the file and the field."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep file not found: {path}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: a sweep file is a mapping with keys {sorted(SWEEP_KEYS)}; got {type(spec).__name__}")
+    unknown = sorted(set(spec) - SWEEP_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(SWEEP_KEYS)}")
+    if "base" not in spec:
+        raise ValueError(f"{path}: missing 'base' (the recipe the overrides apply to)")
+    base = (path.parent / spec["base"]).resolve()
+    if not base.is_file():
+        raise FileNotFoundError(f"{path}: base recipe {spec['base']!r} not found (looked at {base})")
+    axes = {}
+    for key, values in (spec.get("grid") or {}).items():
+        if isinstance(values, list):
+            labelled = {_label(v): v for v in values}
+            if len(labelled) != len(values):
+                raise ValueError(f"{path}: grid.{key} has values with equal labels {values}; give label: value pairs")
+        elif isinstance(values, dict):
+            labelled = {str(k): v for k, v in values.items()}
+        else:
+            raise ValueError(f"{path}: grid.{key} must be a list or a label → value mapping; got {values!r}")
+        if not labelled:
+            raise ValueError(f"{path}: grid.{key} is empty")
+        axes[key] = labelled
+    runs = spec.get("runs") or []
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict) or set(run) - {"name", "overrides"} or "name" not in run:
+            raise ValueError(f"{path}: runs[{i}] must be {{name: ..., overrides: {{...}}}}; got {run!r}")
+    if len({r["name"] for r in runs}) != len(runs):
+        raise ValueError(f"{path}: run names repeat: {[r['name'] for r in runs]}")
+    metrics = spec.get("metrics") or {}
+    if isinstance(metrics, list):
+        metrics = {m: "min" if "loss" in m else "max" for m in metrics}
+    bad = {m: mode for m, mode in metrics.items() if mode not in MODES}
+    if bad:
+        raise ValueError(f"{path}: metrics {bad}: the mode must be one of {MODES}")
+    seeds = spec.get("seeds") or []
+    if not isinstance(seeds, list):
+        raise ValueError(f"{path}: seeds must be a list; got {seeds!r}")
+    sweep = Sweep(path=path, base=base, subcommand=spec.get("subcommand", "fit"), axes=axes, runs=runs,
+                  seeds=seeds, metrics=metrics, overrides=dict(spec.get("overrides") or {}),
+                  parallel=int(spec.get("parallel", 1)),
+                  out=(path.parent / spec["out"]).resolve() if spec.get("out") else None)
+    if not axes and not runs and not seeds:
+        raise ValueError(f"{path}: nothing to sweep: give a grid, runs or seeds")
+    return sweep
+
+
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    """Dotted key → its last segment, or the full key where two last segments collide."""
+    last = [k.split(".")[-1] for k in keys]
+    return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last)}
+
+
+def expand(sweep: Sweep) -> list[Run]:
+    """Every configuration (runs × grid) at every seed, in a stable order."""
+    short = _short_keys(list(sweep.axes))
+    grid = [dict(zip(sweep.axes, combo)) for combo in itertools.product(*(s.keys() for s in sweep.axes.values()))]
+    listed = sweep.runs or [None]
+    out: list[Run] = []
+    for run, point in itertools.product(listed, grid):
+        labels, overrides = {}, dict(sweep.overrides)
+        if run is not None:
+            labels["run"] = run["name"]
+            overrides.update(run.get("overrides") or {})
+        for key, label in point.items():
+            labels[short[key]] = label
+            overrides[key] = sweep.axes[key][label]
+        config = _safe(",".join(v if k == "run" else f"{k}={v}" for k, v in labels.items())) or "base"
+        for seed in sweep.seeds or [None]:
+            o = dict(overrides) if seed is None else {**overrides, SEED_KEY: seed}
+            name = config if seed is None else f"{config},seed={seed}"
+            out.append(Run(name=_safe(name), config=config, labels=labels, overrides=o, seed=seed))
+    names = [r.name for r in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{sweep.path}: two runs share a folder name: {names}")
+    return out
+
+
+def _resolve_paths(value: Any, root: Path) -> Any:
+    """Strings naming an existing file relative to the sweep file become absolute (overlays live elsewhere)."""
+    if isinstance(value, dict):
+        return {k: _resolve_paths(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_paths(v, root) for v in value]
+    if isinstance(value, str) and not os.path.isabs(value) and (root / value).is_file():
+        return str((root / value).resolve())
+    return value
+
+
+def overlay(run: Run, sweep: Sweep, run_dir: Path) -> dict:
+    """The run's overrides as a nested YAML overlay, with its TensorBoard logger pointed at `run_dir`."""
+    nested: dict = {}
+    for key, value in run.overrides.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{sweep.path}: override {key!r} goes inside a non-mapping value")
+        node[leaf] = _resolve_paths(value, sweep.path.parent)
+    nested.setdefault("trainer", {})["logger"] = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(run_dir.parent), "name": run_dir.name, "version": ""}}
+    return nested
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)                   # atomic: a killed sweep never leaves half a status
+
+
+def read_status(run_dir: Path) -> dict | None:
+    path = run_dir / "status.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _error_summary(log: Path) -> str:
+    """What went wrong, from the run's log: the CLI's `error:` block (a config fault), else the last Python
+    exception line (`ValueError: ...`), else the last line."""
+    lines = [ln.rstrip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
+    cli = [i for i, ln in enumerate(lines) if ln.startswith("error:")]
+    if cli:
+        return " ".join(ln.strip() for ln in lines[cli[-1]:])[:1000]
+    raised = [ln.strip() for ln in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*", ln)]
+    return (raised or lines or ["no output"])[-1][:1000]
+
+
+def execute(run: Run, sweep: Sweep, out: Path, extra: list[str], threads: int) -> dict:
+    """Run one configuration in a subprocess; returns (and writes) its status."""
+    run_dir = out / run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "overlay.yaml").write_text(yaml.safe_dump(overlay(run, sweep, run_dir), sort_keys=False))
+    cmd = [sys.executable, "-c", "import sys; from emu_lightning.cli import main; sys.exit(main())", sweep.subcommand,
+           "--config", str(sweep.base), "--config", str(run_dir / "overlay.yaml")]
+    if sweep.subcommand == "fit":
+        cmd += ["--trainer.enable_progress_bar", "false"]
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():                               # an interrupted run continues where it stopped
+            cmd += ["--ckpt_path", str(last)]
+    cmd += extra
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    status = {"name": run.name, "config": run.config, "labels": run.labels, "overrides": run.overrides,
+              "seed": run.seed, "state": "running", "command": cmd, "started": time.time()}
+    _write_json(run_dir / "status.json", status)
+    t0 = time.perf_counter()
+    with open(run_dir / "run.log", "a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _CHILDREN.add(proc)
+        try:
+            rc = proc.wait()
+        finally:
+            _CHILDREN.discard(proc)
+    state = "interrupted" if _STOPPING.is_set() else "done" if rc == 0 else "failed"   # interrupted: resumed next time
+    status.update(state=state, returncode=rc, wall_s=round(time.perf_counter() - t0, 1))
+    if state == "failed":
+        status["error"] = _error_summary(run_dir / "run.log")
+    _write_json(run_dir / "status.json", status)
+    return status
+
+
+def plan(runs: list[Run], out: Path, retry_failed: bool) -> list[Run]:
+    """The runs still to do: not `done`, and not `failed` unless retried (`running` or `interrupted` ones continue
+    from their `last.ckpt`). A folder whose recorded overrides
+    differ from the sweep file's is an error (the file changed under a half-finished sweep)."""
+    todo = []
+    for run in runs:
+        status = read_status(out / run.name)
+        if status is not None and json.loads(json.dumps(run.overrides, default=str)) != status["overrides"]:
+            raise ValueError(f"{out / run.name}: recorded overrides {status['overrides']} differ from the sweep "
+                             f"file's {run.overrides}; use another --out or remove the folder")
+        state = status["state"] if status else None
+        if state == "done" or (state == "failed" and not retry_failed):
+            continue
+        todo.append(run)
+    return todo
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag in the run's TensorBoard event files: tag → [(step, value)] sorted by step (the last
+    write of a step wins, so a resumed run's repeated steps count once)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[str, dict[int, tuple[float, float]]] = {}
+    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            for e in acc.Scalars(tag):
+                prev = series.setdefault(tag, {}).get(e.step)
+                if prev is None or e.wall_time >= prev[0]:
+                    series[tag][e.step] = (e.wall_time, e.value)
+    return {tag: sorted((s, v) for s, (_, v) in points.items()) for tag, points in series.items()}
+
+
+def _default_tags(tags) -> list[str]:
+    """Without a `metrics` list: every scalar but the learning rates, the epoch counter and `hp_metric`."""
+    return sorted(t for t in tags if not t.startswith(("lr-", "epoch", "hp_metric")))
+
+
+def _mode(tag: str, metrics: dict[str, str]) -> str:
+    return metrics.get(tag, "min" if "loss" in tag else "max")
+
+
+def collect(runs: list[Run], out: Path, metrics: dict[str, str]) -> list[dict]:
+    """One row per run: labels, seed, state, wall time and each metric's final and best value."""
+    rows = []
+    for run in runs:
+        status = read_status(out / run.name) or {"state": "not run"}
+        scalars = read_scalars(out / run.name) if (out / run.name).is_dir() else {}
+        row = {"run": run.name, "config": run.config, **run.labels, "seed": run.seed, "state": status["state"],
+               "wall_s": status.get("wall_s"), "error": status.get("error", "")}
+        for tag in metrics or _default_tags(scalars):
+            points = scalars.get(tag, [])
+            values = [v for _, v in points if math.isfinite(v)]
+            pick = max if _mode(tag, metrics) == "max" else min
+            row[f"{tag} final"] = points[-1][1] if points else None
+            row[f"{tag} best"] = pick(values) if values else None
+        rows.append(row)
+    return rows
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.4g}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))   # sample std over seeds
+    return f"{mean:.4g} ± {std:.2g}"
+
+
+def write_results(rows: list[dict], out: Path, sweep: Sweep) -> str:
+    """`results.csv` (every run) and `results.md` (configurations, mean ± std over seeds); returns the md."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    metric_cols = [c for c in columns if c.endswith((" final", " best"))]
+    label_cols = [c for c in columns if c not in metric_cols and c not in
+                  {"run", "config", "seed", "state", "wall_s", "error"}]
+    tags = list(dict.fromkeys(c.rsplit(" ", 1)[0] for c in metric_cols))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    lines = [f"# Sweep `{sweep.path.name}`", "",
+             f"Base recipe `{sweep.base.name}`, {len(rows)} runs. Values are mean ± sample std over the finished "
+             f"runs of each configuration ({len(sweep.seeds) or 1} seed(s) each).", ""]
+    for kind, what in (("final", "the last logged value"),
+                       ("best", "the best value over the run (" + ", ".join(f"{t} {_mode(t, sweep.metrics)}"
+                                                                             for t in tags) + ")")):
+        lines += [f"**{kind.capitalize()}**: {what}.", "",
+                  "| " + " | ".join(label_cols + ["runs done"] + tags) + " |",
+                  "|" + "---|" * (len(label_cols) + 1 + len(tags))]
+        for config in configs:
+            group = [r for r in rows if r["config"] == config]
+            done = [r for r in group if r["state"] == "done"]
+            cells = [str(group[0].get(c, "")) for c in label_cols] + [f"{len(done)}/{len(group)}"]
+            cells += [_mean_std([r[f"{t} {kind}"] for r in done if r.get(f"{t} {kind}") is not None]) for t in tags]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    failed = [r for r in rows if r["state"] != "done"]
+    if failed:
+        lines += ["Runs not done:", ""]
+        lines += [f"- `{r['run']}`: {r['state']}" + (f": {r['error']}" if r["error"] else "") for r in failed]
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    return text
+
+
+def plot(runs: list[Run], out: Path, metrics: dict[str, str]) -> list[Path]:
+    """`plots/<metric>.png`: each configuration's curve over steps, mean over seeds, band = min..max."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scalars = {r.name: read_scalars(out / r.name) for r in runs if (out / r.name).is_dir()}
+    tags = list(metrics) or _default_tags({t: None for s in scalars.values() for t in s})
+    (out / "plots").mkdir(exist_ok=True)
+    written = []
+    for tag in tags:
+        if not any(tag in s for s in scalars.values()):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for config in dict.fromkeys(r.config for r in runs):
+            curves = [dict(scalars[r.name][tag]) for r in runs if r.config == config and tag in scalars.get(r.name, {})]
+            if not curves:
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            vals = [[c[s] for c in curves] for s in steps]
+            ax.plot(steps, [sum(v) / len(v) for v in vals], marker="o" if len(steps) < 20 else None, label=config)
+            if len(curves) > 1:
+                ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2)
+        ax.set(xlabel="step", ylabel=tag, title=tag)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        path = out / "plots" / (_safe(tag.replace("/", "_")) + ".png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def run_sweep(path: str | Path, out: str | Path | None = None, parallel: int | None = None,
+              threads: int | None = None, extra: list[str] | None = None, retry_failed: bool = False,
+              report_only: bool = False) -> tuple[list[dict], str]:
+    """Run what is left of a sweep, then write its table and plots; returns (rows, results.md text)."""
+    sweep = load_sweep(path)
+    runs = expand(sweep)
+    out = Path(out).resolve() if out else (sweep.out or Path("runs/sweeps").resolve() / sweep.path.stem)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [] if report_only else plan(runs, out, retry_failed)
+    parallel = parallel or sweep.parallel
+    threads = threads or max(1, (os.cpu_count() or 1) // parallel)
+    if todo:
+        pool = ThreadPoolExecutor(max_workers=parallel)
+        try:
+            list(pool.map(lambda r: execute(r, sweep, out, extra or [], threads), todo))
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM): stop the queue and send SIGTERM to the running children, which save
+            # `last.ckpt` on the way out; their status stays `running`, so the next invocation resumes them.
+            _STOPPING.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in list(_CHILDREN):
+                proc.terminate()
+            for proc in list(_CHILDREN):
+                proc.wait()
+            raise
+        pool.shutdown()
+    rows = collect(runs, out, sweep.metrics)
+    text = write_results(rows, out, sweep)
+    plot(runs, out, sweep.metrics)
+    return rows, text
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(prog="python -m emu_lightning.sweep", description=__doc__.split("\n")[0])
+    p.add_argument("sweep", help="a sweep YAML (recipes/sweeps/*.yaml)")
+    p.add_argument("--out", help="the sweep folder (default: the file's `out`, else runs/sweeps/<name>)")
+    p.add_argument("--parallel", type=int, help="runs at once (default: the file's `parallel`, else 1)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: cores // parallel)")
+    p.add_argument("--retry-failed", action="store_true", help="run failed runs again (default: keep their error)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and what is left, run nothing")
+    p.add_argument("--report", action="store_true", help="only rebuild results.csv/.md and the plots")
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a scheduler's SIGTERM: stop children, then exit
+    if args.dry_run:
+        sweep = load_sweep(args.sweep)
+        out = Path(args.out).resolve() if args.out else (sweep.out or Path("runs/sweeps").resolve() / sweep.path.stem)
+        runs = expand(sweep)
+        left = {r.name for r in plan(runs, out, args.retry_failed)} if out.is_dir() else {r.name for r in runs}
+        for r in runs:
+            print(f"{'todo' if r.name in left else 'skip'}  {r.name}  {r.overrides}")
+        return 0
+    rows, text = run_sweep(args.sweep, args.out, args.parallel, args.threads, extra, args.retry_failed, args.report)
+    print(text)
+    return 0 if all(r["state"] == "done" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

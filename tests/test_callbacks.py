@@ -1,0 +1,80 @@
+"""Single-purpose callbacks: the throughput arithmetic on a controlled clock, and the config flattening that
+feeds TensorBoard's HPARAMS tab. (Both also run inside the real CLI fit in test_fit_smoke.py.)"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import callbacks.throughput as throughput
+from callbacks.hparams import flatten_config
+from callbacks.throughput import Throughput, batch_counts
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Module:
+    def __init__(self) -> None:
+        self.logged: list[dict] = []
+
+    def log_dict(self, metrics: dict, **kwargs) -> None:
+        self.logged.append(metrics)
+
+
+def test_throughput_rates_and_data_wait_on_a_known_clock(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(throughput.time, "perf_counter", clock)
+    trainer, module = SimpleNamespace(world_size=2, log_every_n_steps=2), _Module()
+    cb = Throughput()
+    batch = {"input_ids": torch.zeros(4, 10, dtype=torch.long),
+             "attention_mask": torch.tensor([[1] * 10, [1] * 5 + [0] * 5, [1] * 10, [0] * 10])}
+    cb.on_train_epoch_start(trainer, module)
+    for wait, busy in [(0.5, 3.0), (1.0, 3.0)]:       # the first batch's wait is before any batch: not counted
+        clock.now += wait
+        cb.on_train_batch_start(trainer, module, batch, 0)
+        clock.now += busy
+        cb.on_train_batch_end(trainer, module, None, batch, 0)
+    assert len(module.logged) == 1
+    m = module.logged[0]
+    elapsed = 3.0 + 1.0 + 3.0                          # busy + wait + busy
+    assert m["throughput/samples_per_sec"] == pytest.approx(2 * 8 / elapsed)
+    assert m["throughput/tokens_per_sec"] == pytest.approx(2 * 2 * 25 / elapsed)
+    assert m["throughput/data_wait_frac"] == pytest.approx(1.0 / elapsed)
+
+
+def test_throughput_ignores_the_gap_across_validation(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(throughput.time, "perf_counter", clock)
+    trainer, module = SimpleNamespace(world_size=1, log_every_n_steps=2), _Module()
+    cb, batch = Throughput(), {"pixel_values": torch.zeros(3, 3, 8, 8)}
+    cb.on_train_batch_start(trainer, module, batch, 0)
+    clock.now += 1.0
+    cb.on_train_batch_end(trainer, module, None, batch, 0)
+    clock.now += 50.0                                  # a validation run
+    cb.on_validation_end(trainer, module)
+    cb.on_train_batch_start(trainer, module, batch, 1)
+    clock.now += 1.0
+    cb.on_train_batch_end(trainer, module, None, batch, 1)
+    m = module.logged[0]
+    assert m["throughput/data_wait_frac"] == 0.0 and m["throughput/samples_per_sec"] == pytest.approx(3.0)
+    assert "throughput/tokens_per_sec" not in m        # no attention mask: no token count
+
+
+def test_batch_counts_needs_a_dict():
+    assert batch_counts({"input_ids": torch.zeros(5, 2)}) == (5, None)
+    with pytest.raises(TypeError, match="dict batch"):
+        batch_counts([torch.zeros(2)])
+
+
+def test_flatten_config_gives_tensorboard_scalars():
+    flat = flatten_config({"model": {"init_args": {"lr": 1e-3, "trainable": ["adapter", "llm"], "x": None,
+                                                   "adapter": {"class_path": "a.B"}}}, "seed_everything": 0})
+    assert flat == {"model.init_args.lr": 1e-3, "model.init_args.trainable": "[adapter, llm]",
+                    "model.init_args.x": "None", "model.init_args.adapter.class_path": "a.B", "seed_everything": 0}

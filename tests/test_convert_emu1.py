@@ -1,0 +1,164 @@
+"""Emu (v1) release → our parts: every released key accounted for (EVA-CLIP norm/head, the T5 word embedding and RoPE
+buffers kept aside as unused), exact round trip, the released computation reproduced (pre-norm EVA with CLS,
+`ln_visual` eps 1e-6, T5 decoder C-Former, projection with bias, LLaMA, `stu_regress_head`, generation feedback
+of the regressed vector itself), and one training step through `recipes/emu1/finetune_released.yaml`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.t5.modeling_t5 import T5Stack
+
+from components.adapters.cformer import t5_decoder_config
+from emu_lightning.cli import cli_main
+from emu_lightning.convert import ConversionError, convert_emu1, export_emu1
+from emu_lightning.convert.tokenizer import EMU1_SPECIALS
+from emu_lightning.data.sequence import SequenceCollator
+from tests.test_convert_common import (
+    EVA, LLM, _rand, base_tokenizer, released_eva, released_forward_eva, released_llama, released_llama_model)
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "emu1" / "finetune_released.yaml"
+T5 = dict(d_model=32, num_layers=2, num_heads=2, d_ff=64, queries=4)
+
+
+def released_t5(width: int) -> T5Stack:
+    """The released C-Former stack: t5 decoder whose cross-attention k/v read `encoder_width` (modeling_t5.py),
+    with the `embed_tokens` it inherits from `T5ForConditionalGeneration` (causal_former.py)."""
+    config = t5_decoder_config(T5["d_model"], T5["num_layers"], T5["num_heads"], T5["d_ff"], dropout=0.1)
+    config._attn_implementation = "eager"
+    stack = T5Stack(config)
+    stack.embed_tokens = nn.Embedding(100, T5["d_model"])
+    for block in stack.block:
+        attn = block.layer[1].EncDecAttention
+        attn.k = nn.Linear(width, T5["d_model"], bias=False)
+        attn.v = nn.Linear(width, T5["d_model"], bias=False)
+    with torch.no_grad():
+        for name, p in stack.named_parameters():
+            p.copy_(_rand(*p.shape, std=0.2, mean=1.0 if "layer_norm" in name else 0.0))
+    return stack.eval()
+
+
+def released_emu1(tokenizer_dir: str):
+    """A tiny Emu1 checkpoint in the released layout (modeling_emu.py / causal_former.py / modeling_llama.py names)."""
+    rows = 300 + len(EMU1_SPECIALS)
+    state = released_eva("visual.", postnorm=False, clip_head=True)
+    state.update({"ln_visual.weight": _rand(EVA["width"], std=0.2, mean=1.0), "ln_visual.bias": _rand(EVA["width"])})
+    t5 = released_t5(EVA["width"])
+    state.update({f"cformer.cformer.{k}": v.clone() for k, v in t5.state_dict().items()})
+    state["cformer.causal_tokens"] = _rand(1, T5["queries"], T5["d_model"], std=0.5)
+    state["cformer.projection.weight"] = _rand(LLM["hidden"], T5["d_model"], std=0.2)
+    state["cformer.projection.bias"] = _rand(LLM["hidden"])
+    llama, config = released_llama("decoder.lm.", rows)
+    state.update(llama)
+    state["decoder.lm.stu_regress_head.weight"] = _rand(LLM["hidden"], LLM["hidden"], std=0.1)
+    return state, config, t5
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("emu1")
+    tok = base_tokenizer(root / "llama")
+    state, config, t5 = released_emu1(tok)
+    torch.save({"module": state}, root / "emu1.pt")               # a wrapped file, as training scripts save them
+    dst = convert_emu1(str(root / "emu1.pt"), str(root / "converted"), tok, vision_heads=EVA["heads"],
+                       llm_heads=LLM["heads"], t5_heads=T5["num_heads"])
+    return state, config, t5, dst
+
+
+def build(dst: Path):
+    overrides = ["--data.init_args.train", "null", "--data.init_args.val", "null", "--data.init_args.test", "null",
+                 "--data.init_args.weights", "null", "--data.init_args.layouts", "null", "--data.init_args.demos",
+                 "null", "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
+                 "--trainer.strategy", "auto", "--trainer.logger", "false", "--trainer.precision", "32-true"]
+    cli = cli_main(["--config", str(RECIPE), "--config", str(dst / "model.yaml"), *overrides], run=False)
+    cli.model.setup("fit")
+    assert cli.model.handoff_report.loaded.keys() == {"encoder", "adapter", "llm", "regression_head"}
+    return cli.model.eval()
+
+
+def test_every_released_key_is_accounted_for_and_round_trips_exactly(converted):
+    state, _, _, dst = converted
+    plan = json.loads((dst / "conversion.json").read_text())["keys"]
+    assert plan.keys() == state.keys()
+    unused = sorted(k for k, v in plan.items() if v.startswith("unused"))
+    assert unused == sorted(["visual.norm.weight", "visual.norm.bias", "visual.head.weight", "visual.head.bias",
+                             "cformer.cformer.embed_tokens.weight",
+                             *[f"decoder.lm.model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(2)]])
+    assert plan["cformer.causal_tokens"] == "adapter.causal_tokens"
+    assert plan["decoder.lm.stu_regress_head.weight"] == "regression_head.proj.weight"
+    back = export_emu1(str(dst))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_converted_model_computes_what_the_release_computes(converted):
+    state, config, t5, dst = converted
+    system = build(dst)
+    assert system.adapter.ln_visual.eps == 1e-6
+    pixels = torch.randn(2, 3, EVA["image"], EVA["image"])
+    with torch.no_grad():
+        # modeling_emu.py forward: visual.forward_features (CLS kept, no final norm) → ln_visual → cformer
+        feats = released_forward_eva(state, "visual.", pixels, postnorm=False)
+        torch.testing.assert_close(system.encoder(pixels), feats, rtol=1e-5, atol=1e-5)
+        vis = F.layer_norm(feats, (EVA["width"],), state["ln_visual.weight"], state["ln_visual.bias"], eps=1e-6)
+        queries = state["cformer.causal_tokens"].expand(2, -1, -1)
+        hidden = t5(inputs_embeds=queries, encoder_hidden_states=vis).last_hidden_state
+        visual = F.linear(hidden, state["cformer.projection.weight"], state["cformer.projection.bias"])
+        torch.testing.assert_close(system.encode_images(pixels), visual, rtol=1e-5, atol=1e-5)
+        ref = released_llama_model(state, "decoder.lm.", config)
+        ids = torch.tensor([[1, 5, system.ids.img, *[system.ids.image] * T5["queries"], system.ids.img_end, 7]])
+        embeds = ref.model.embed_tokens(ids)
+        embeds[ids == system.ids.image] = visual[0]
+        out = ref.model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+        ours, _ = system.llm(system.embed_multimodal(ids, visual[:1]), torch.ones_like(ids))
+        torch.testing.assert_close(ours, out.hidden_states[-1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(system.regression_head(ours),
+                                   F.linear(out.hidden_states[-1], state["decoder.lm.stu_regress_head.weight"]),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_generation_matches_the_released_full_recompute_loop(converted):
+    """modeling_emu.py generate_image: the regressed vectors themselves fill the generated <image> rows."""
+    state, config, _, dst = converted
+    system = build(dst)
+    ref = released_llama_model(state, "decoder.lm.", config)
+    head = state["decoder.lm.stu_regress_head.weight"]
+    segs = [("text", "a blue square")]
+    ids, _, _, _ = SequenceCollator(system.tokenizer, system.num_image_tokens).encode(segs, close=False, limit=10**9)
+    with torch.no_grad():
+        got = system.generate_image_embeddings([segs])[0]
+        seq, preds = list(ids) + [system.ids.img], None
+        for k in range(system.num_image_tokens):
+            x = torch.tensor([seq])
+            embeds = ref.model.embed_tokens(x)
+            if preds is not None:
+                embeds[x == system.ids.image] = preds[:k]
+            hidden = ref.model(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1][0]
+            preds = F.linear(hidden[len(ids):], head)
+            seq.append(system.ids.image)
+    torch.testing.assert_close(got, preds, rtol=1e-4, atol=1e-5)
+
+
+def test_converted_model_trains_one_stage2_step_with_img_end_targets(converted):
+    _, _, _, dst = converted
+    system = build(dst).train()
+    img = torch.randn(3, EVA["image"], EVA["image"])
+    batch = SequenceCollator(system.tokenizer, system.num_image_tokens, max_length=64)(
+        [{"id": "pair", "source": "pairs", "segments": [("image", img), ("text", "a red circle.")]}])
+    losses, _ = system.losses(batch)
+    assert torch.isfinite(losses["loss"]) and losses["regression_loss"] > 0 and "target_var" in losses
+    losses["loss"].backward()
+    assert system.adapter.causal_tokens.grad is not None and system.encoder.trunk.cls_token.grad is None
+
+
+def test_lora_layout_is_refused_with_the_keys(tmp_path):
+    tok = base_tokenizer(tmp_path / "llama")
+    state, _, _ = released_emu1(tok)
+    state["decoder.lm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"] = torch.ones(2, 2)
+    torch.save(state, tmp_path / "emu_i.pt")
+    with pytest.raises(ConversionError, match=r"1 LoRA / peft keys .*lora_A.*merge the adapters"):
+        convert_emu1(str(tmp_path / "emu_i.pt"), str(tmp_path / "out"), tok, EVA["heads"], LLM["heads"],
+                     T5["num_heads"])

@@ -1,0 +1,110 @@
+"""Checkpoint safety: every load is `weights_only` (a file pickling an arbitrary object is refused, naming the file
+and the object, and its payload never runs), and a save is atomic (a kill mid-write keeps the previous file)."""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from emu_lightning.checkpoint_io import SafeCheckpointIO, atomic_torch_save, safe_load
+from emu_lightning.checkpointing import read_state_dict
+from emu_lightning.cli import cli_main
+from tests.resume_helpers import ROOT, args, overlay
+
+
+class Payload:
+    """Unpickling this creates `marker`: the proof that a load ran code from the file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def _crafted(tmp_path: Path) -> tuple[Path, Path]:
+    marker, path = tmp_path / "payload_ran", tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {"llm.w": torch.zeros(2)}, "hyper_parameters": Payload(marker)}, path)
+    return path, marker
+
+
+def test_a_checkpoint_with_a_pickled_object_is_refused_everywhere(tmp_path, monkeypatch):
+    path, marker = _crafted(tmp_path)
+    refused = rf"{re.escape(str(path))}: refused to load: the file pickles an object that is not a tensor.*Unsupported global: GLOBAL"
+    with pytest.raises(ValueError, match=refused):
+        safe_load(path)
+    with pytest.raises(ValueError, match=refused):              # the stage hand-off (init_from)
+        read_state_dict(str(path))
+    with pytest.raises(ValueError, match=refused):              # Lightning's resume (--ckpt_path) via the CLI plugin
+        monkeypatch.chdir(tmp_path)
+        cli_main(args(overlay(tmp_path, 2), str(path)))
+    with pytest.raises(ValueError, match="weights_only=False was asked for"):
+        SafeCheckpointIO().load_checkpoint(path, weights_only=False)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)                        # the control: an unsafe load does run it
+    assert marker.exists()
+
+
+def test_truncated_and_missing_checkpoints_are_named(tmp_path):
+    whole = tmp_path / "whole.ckpt"
+    atomic_torch_save({"state_dict": {"w": torch.ones(1000)}}, whole)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(whole.read_bytes()[:3000])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(cut))}: not a readable torch checkpoint \(truncated"):
+        safe_load(cut)
+    with pytest.raises(FileNotFoundError, match="absent.ckpt"):
+        safe_load(tmp_path / "absent.ckpt")
+    assert torch.equal(safe_load(whole)["state_dict"]["w"], torch.ones(1000))
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []   # no temporary left behind
+
+
+KILLED_SAVE = """
+import sys, time, torch
+from pathlib import Path
+from emu_lightning import checkpoint_io
+path = Path(sys.argv[1])
+checkpoint_io.atomic_torch_save({"version": torch.tensor(1), "w": torch.ones(100_000)}, path)
+real = torch.save
+def stalling(obj, f):
+    real(obj, f)            # every byte is written... but never renamed: the kill comes first
+    f.flush()
+    Path(str(path) + ".stalled").touch()
+    time.sleep(60)
+checkpoint_io.torch.save = stalling
+checkpoint_io.atomic_torch_save({"version": torch.tensor(2), "w": torch.zeros(100_000)}, path)
+"""
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(path)], cwd=ROOT)
+    start = time.time()
+    while not Path(str(path) + ".stalled").exists():
+        assert proc.poll() is None and time.time() - start < 60, f"the save never stalled (rc {proc.returncode})"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert int(safe_load(path)["version"]) == 1                     # the previous checkpoint, whole
+    partial = [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert len(partial) == 1 and int(safe_load(partial[0])["version"]) == 2   # the new one never took its name
+
+
+SOURCES = ["emu_lightning", "components", "callbacks", "benchmarks"]
+
+
+def test_every_torch_load_in_the_code_is_weights_only():
+    loads = []
+    for folder in SOURCES:
+        for file in sorted((ROOT / folder).rglob("*.py")):
+            for m in re.finditer(r"torch\.load\(.*", file.read_text()):   # each call fits on its line
+                loads.append((file.relative_to(ROOT).as_posix(), m.group(0)))
+    assert loads, "no torch.load found: the scan is broken"
+    unsafe = [(f, call) for f, call in loads if "weights_only=True" not in call
+              and not (f == "emu_lightning/pipelines.py" and "weights_only=weights_only" in call)]
+    assert not unsafe, unsafe

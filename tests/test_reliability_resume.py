@@ -1,0 +1,147 @@
+"""Kill and resume: a stage-2 debug run stopped after a checkpoint and resumed ends with the same weights, bit for
+bit on CPU, as the uninterrupted run (optimizer, schedule, data stream position, RNG and counters all restored).
+
+Default suite (in-process, ~30 s): a crash at a random step, and a real SIGTERM (2 DataLoader workers).
+Slow (`pytest -m slow tests/test_reliability_resume.py`, ~2 min): the same through `main.py`-like subprocesses
+killed with SIGKILL / SIGTERM from outside, and a SIGKILL in the middle of a slowed checkpoint write.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from emu_lightning.checkpoint_io import safe_load
+from emu_lightning.cli import cli_main
+from tests.resume_helpers import ROOT, args, assert_same_weights, overlay
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+STEPS = 7
+
+
+def _reference(tmp: Path, num_workers: int) -> Path:
+    cli = cli_main(args(overlay(tmp, STEPS, num_workers=num_workers, name="ref")))
+    assert cli.trainer.global_step == STEPS
+    return tmp / "ref" / "ckpt" / "last.ckpt"
+
+
+def _resume(tmp: Path, name: str, num_workers: int, ckpt: Path | None = None) -> Path:
+    ckpt = ckpt or tmp / name / "ckpt" / "last.ckpt"
+    cli = cli_main(args(overlay(tmp, STEPS, num_workers=num_workers, name=name), str(ckpt)))
+    assert cli.trainer.global_step == STEPS
+    return tmp / name / "ckpt" / "last.ckpt"
+
+
+def test_crash_after_a_checkpoint_resumes_to_identical_weights(tmp_path):
+    ref = _reference(tmp_path, num_workers=0)
+    k = random.randint(3, STEPS - 1)           # checkpoints every 2 steps: the run loses steps after the last one
+    with pytest.raises(KeyError, match=f"after step {k}"):
+        cli_main(args(overlay(tmp_path, STEPS, crash_at=k, name="cut")))
+    saved = safe_load(tmp_path / "cut" / "ckpt" / "last.ckpt")
+    assert saved["global_step"] == (k - 1) // 2 * 2, k    # the crash comes before step k's own checkpoint
+    assert_same_weights(ref, _resume(tmp_path, "cut", num_workers=0))
+
+    # The comparison has teeth: the same resume without the saved stream position trains on other batches.
+    del saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    torch.save(saved, tmp_path / "no_position.ckpt")
+    (tmp_path / "cut" / "ckpt" / "last.ckpt").unlink()
+    blind = _resume(tmp_path, "cut", num_workers=0, ckpt=tmp_path / "no_position.ckpt")
+    with pytest.raises(AssertionError, match="tensors differ"):
+        assert_same_weights(ref, blind)
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes_to_identical_weights(tmp_path):
+    ref = _reference(tmp_path, num_workers=2)
+    k = 3   # odd: the next batch comes from the second worker, so resuming must rotate the workers' roles
+    with pytest.raises(SystemExit):
+        cli_main(args(overlay(tmp_path, STEPS, num_workers=2, sigterm_at=k, name="term")))
+    marks = (tmp_path / "term" / "marks").read_text().split()
+    assert marks == [str(s) for s in range(1, k + 1)]          # it stopped right after the signalled step
+    saved = safe_load(tmp_path / "term" / "ckpt" / "last.ckpt")
+    assert saved["global_step"] == k                            # saved at the SIGTERM, not at the last every-2
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["steps"] == k
+    assert_same_weights(ref, _resume(tmp_path, "term", num_workers=2))
+
+
+# --- the same from outside the process: main.py-like subprocesses, SIGKILL / SIGTERM ---------------------------
+
+def _start(overlay_path: str, ckpt: str | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tests.resume_helpers", overlay_path] + ([ckpt] if ckpt else [])
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _wait_for(path: Path, what: str, proc: subprocess.Popen, timeout: float = 120) -> str:
+    start = time.time()
+    while time.time() - start < timeout:
+        if path.exists() and what in path.read_text().split():
+            return path.read_text()
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before {what!r} in {path}:\n"
+                                 f"{proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no {what!r} in {path} after {timeout} s")
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _subprocess_reference(tmp: Path) -> Path:
+    _finish(_start(overlay(tmp, STEPS, num_workers=1, name="ref")))
+    return tmp / "ref" / "ckpt" / "last.ckpt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_killed_subprocess_resumes_to_identical_weights(sig, tmp_path):
+    """The recipe's DataLoader worker (num_workers 1); the parent kills the run at a random step past the first
+    checkpoint, while it trains (0.3 s pause per step widens the window)."""
+    ref = _subprocess_reference(tmp_path)
+    k = random.randint(3, STEPS - 1)
+    proc = _start(overlay(tmp_path, STEPS, num_workers=1, pause=0.3, name="cut"))
+    _wait_for(tmp_path / "cut" / "marks", str(k), proc)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    saved = safe_load(tmp_path / "cut" / "ckpt" / "last.ckpt")
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        assert saved["global_step"] >= 2 and saved["global_step"] % 2 == 0, (k, saved["global_step"])
+    else:
+        assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+        assert "SIGTERM: saved" in out and saved["global_step"] >= k, (k, saved["global_step"], out[-2000:])
+    _finish(_start(overlay(tmp_path, STEPS, num_workers=1, name="cut"), str(tmp_path / "cut" / "ckpt" / "last.ckpt")))
+    assert_same_weights(ref, tmp_path / "cut" / "ckpt" / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_slowed_checkpoint_write_keeps_the_previous_one(tmp_path):
+    """The second checkpoint write (step 4) stalls halfway; SIGKILL then. last.ckpt must still be step 2's, whole,
+    the half-written temporary file is refused with a clear message, and the run resumes to the reference."""
+    ref = _subprocess_reference(tmp_path)
+    proc = _start(overlay(tmp_path, STEPS, num_workers=1, slow_save=True, name="cut"))
+    marks = tmp_path / "cut" / "marks"
+    start = time.time()
+    while not Path(str(marks) + ".saving").exists():
+        assert proc.poll() is None and time.time() - start < 120, "the slowed save never started"
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate(timeout=60)
+    folder = tmp_path / "cut" / "ckpt"
+    partial = [p for p in folder.iterdir() if ".tmp-" in p.name]
+    assert len(partial) == 1, sorted(p.name for p in folder.iterdir())
+    with pytest.raises(ValueError, match=r"not a readable torch checkpoint \(truncated or corrupt\?\)"):
+        safe_load(partial[0])
+    assert safe_load(folder / "last.ckpt")["global_step"] == 2
+    _finish(_start(overlay(tmp_path, STEPS, num_workers=1, name="cut"), str(folder / "last.ckpt")))
+    assert_same_weights(ref, folder / "last.ckpt")
