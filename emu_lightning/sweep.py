@@ -17,16 +17,15 @@ Each run is `main.py <subcommand> --config <base> --config <its overlay>` in a s
 TensorBoard under `<out>/<run>/` (so `tensorboard --logdir <out>` shows the runs side by side) with its
 resolved `config.yaml`, `overlay.yaml`, `run.log` and `status.json` there. A run that fails is recorded
 with its error and the others go on. Running the same command again skips finished runs and continues an
-interrupted one from its `checkpoints/last.ckpt`. The table is read back from the runs' event files:
-`results.csv` (a row per run), `results.md` (a row per configuration) and `plots/<metric>.png`.
+interrupted one from its `checkpoints/last.ckpt`. The table is read back from the runs' event files
+(`sweep_results.py`): `results.csv` (a row per run), `results.md` (a row per configuration) and
+`plots/<metric>.png`.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
-import math
 import os
 import re
 import signal
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from emu_lightning.sweep_results import collect, plot, read_status, safe_name, write_results
 
 SEED_KEY = "seed_everything"
 _CHILDREN: set[subprocess.Popen] = set()          # the runs in flight, stopped if the sweep itself is stopped
@@ -78,10 +79,6 @@ def _label(value: Any) -> str:
     if isinstance(value, str) and value.endswith((".yaml", ".yml")):
         return Path(value).stem
     return str(value) if not isinstance(value, (dict, list)) else json.dumps(value, sort_keys=True)
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=,+-]+", "-", text)
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -157,11 +154,11 @@ def expand(sweep: Sweep) -> list[Run]:
         for key, label in point.items():
             labels[short[key]] = label
             overrides[key] = sweep.axes[key][label]
-        config = _safe(",".join(v if k == "run" else f"{k}={v}" for k, v in labels.items())) or "base"
+        config = safe_name(",".join(v if k == "run" else f"{k}={v}" for k, v in labels.items())) or "base"
         for seed in sweep.seeds or [None]:
             o = dict(overrides) if seed is None else {**overrides, SEED_KEY: seed}
             name = config if seed is None else f"{config},seed={seed}"
-            out.append(Run(name=_safe(name), config=config, labels=labels, overrides=o, seed=seed))
+            out.append(Run(name=safe_name(name), config=config, labels=labels, overrides=o, seed=seed))
     names = [r.name for r in out]
     if len(set(names)) != len(names):
         raise ValueError(f"{sweep.path}: two runs share a folder name: {names}")
@@ -200,11 +197,6 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     os.replace(tmp, path)                   # atomic: a killed sweep never leaves half a status
-
-
-def read_status(run_dir: Path) -> dict | None:
-    path = run_dir / "status.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _error_summary(log: Path) -> str:
@@ -266,131 +258,6 @@ def plan(runs: list[Run], out: Path, retry_failed: bool) -> list[Run]:
             continue
         todo.append(run)
     return todo
-
-
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar tag in the run's TensorBoard event files: tag → [(step, value)] sorted by step (the last
-    write of a step wins, so a resumed run's repeated steps count once)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    series: dict[str, dict[int, tuple[float, float]]] = {}
-    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            for e in acc.Scalars(tag):
-                prev = series.setdefault(tag, {}).get(e.step)
-                if prev is None or e.wall_time >= prev[0]:
-                    series[tag][e.step] = (e.wall_time, e.value)
-    return {tag: sorted((s, v) for s, (_, v) in points.items()) for tag, points in series.items()}
-
-
-def _default_tags(tags) -> list[str]:
-    """Without a `metrics` list: every scalar but the learning rates, the epoch counter and `hp_metric`."""
-    return sorted(t for t in tags if not t.startswith(("lr-", "epoch", "hp_metric")))
-
-
-def _mode(tag: str, metrics: dict[str, str]) -> str:
-    return metrics.get(tag, "min" if "loss" in tag else "max")
-
-
-def collect(runs: list[Run], out: Path, metrics: dict[str, str]) -> list[dict]:
-    """One row per run: labels, seed, state, wall time and each metric's final and best value."""
-    rows = []
-    for run in runs:
-        status = read_status(out / run.name) or {"state": "not run"}
-        scalars = read_scalars(out / run.name) if (out / run.name).is_dir() else {}
-        row = {"run": run.name, "config": run.config, **run.labels, "seed": run.seed, "state": status["state"],
-               "wall_s": status.get("wall_s"), "error": status.get("error", "")}
-        for tag in metrics or _default_tags(scalars):
-            points = scalars.get(tag, [])
-            values = [v for _, v in points if math.isfinite(v)]
-            pick = max if _mode(tag, metrics) == "max" else min
-            row[f"{tag} final"] = points[-1][1] if points else None
-            row[f"{tag} best"] = pick(values) if values else None
-        rows.append(row)
-    return rows
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.4g}"
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))   # sample std over seeds
-    return f"{mean:.4g} ± {std:.2g}"
-
-
-def write_results(rows: list[dict], out: Path, sweep: Sweep) -> str:
-    """`results.csv` (every run) and `results.md` (configurations, mean ± std over seeds); returns the md."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    metric_cols = [c for c in columns if c.endswith((" final", " best"))]
-    label_cols = [c for c in columns if c not in metric_cols and c not in
-                  {"run", "config", "seed", "state", "wall_s", "error"}]
-    tags = list(dict.fromkeys(c.rsplit(" ", 1)[0] for c in metric_cols))
-    configs = list(dict.fromkeys(r["config"] for r in rows))
-    lines = [f"# Sweep `{sweep.path.name}`", "",
-             f"Base recipe `{sweep.base.name}`, {len(rows)} runs. Values are mean ± sample std over the finished "
-             f"runs of each configuration ({len(sweep.seeds) or 1} seed(s) each).", ""]
-    for kind, what in (("final", "the last logged value"),
-                       ("best", "the best value over the run (" + ", ".join(f"{t} {_mode(t, sweep.metrics)}"
-                                                                             for t in tags) + ")")):
-        lines += [f"**{kind.capitalize()}**: {what}.", "",
-                  "| " + " | ".join(label_cols + ["runs done"] + tags) + " |",
-                  "|" + "---|" * (len(label_cols) + 1 + len(tags))]
-        for config in configs:
-            group = [r for r in rows if r["config"] == config]
-            done = [r for r in group if r["state"] == "done"]
-            cells = [str(group[0].get(c, "")) for c in label_cols] + [f"{len(done)}/{len(group)}"]
-            cells += [_mean_std([r[f"{t} {kind}"] for r in done if r.get(f"{t} {kind}") is not None]) for t in tags]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    failed = [r for r in rows if r["state"] != "done"]
-    if failed:
-        lines += ["Runs not done:", ""]
-        lines += [f"- `{r['run']}`: {r['state']}" + (f": {r['error']}" if r["error"] else "") for r in failed]
-    text = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(text)
-    return text
-
-
-def plot(runs: list[Run], out: Path, metrics: dict[str, str]) -> list[Path]:
-    """`plots/<metric>.png`: each configuration's curve over steps, mean over seeds, band = min..max."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scalars = {r.name: read_scalars(out / r.name) for r in runs if (out / r.name).is_dir()}
-    tags = list(metrics) or _default_tags({t: None for s in scalars.values() for t in s})
-    (out / "plots").mkdir(exist_ok=True)
-    written = []
-    for tag in tags:
-        if not any(tag in s for s in scalars.values()):
-            continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for config in dict.fromkeys(r.config for r in runs):
-            curves = [dict(scalars[r.name][tag]) for r in runs if r.config == config and tag in scalars.get(r.name, {})]
-            if not curves:
-                continue
-            steps = sorted(set.intersection(*(set(c) for c in curves)))
-            vals = [[c[s] for c in curves] for s in steps]
-            ax.plot(steps, [sum(v) / len(v) for v in vals], marker="o" if len(steps) < 20 else None, label=config)
-            if len(curves) > 1:
-                ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2)
-        ax.set(xlabel="step", ylabel=tag, title=tag)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        path = out / "plots" / (_safe(tag.replace("/", "_")) + ".png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
 
 
 def run_sweep(path: str | Path, out: str | Path | None = None, parallel: int | None = None,

@@ -118,6 +118,10 @@ def test_converted_model_computes_what_the_release_computes(converted):
         torch.testing.assert_close(system.regression_head(ours),
                                    F.linear(out.hidden_states[-1], state["decoder.lm.stu_regress_head.weight"]),
                                    rtol=1e-4, atol=1e-5)
+        # Text logits over the released vocabulary (the platform's appended tokens come after it): the lm_head map.
+        rows = ref.lm_head.out_features
+        torch.testing.assert_close(system.llm.logits(ours)[..., :rows], ref.lm_head(out.hidden_states[-1]),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_generation_matches_the_released_full_recompute_loop(converted):

@@ -68,6 +68,10 @@ def test_sigterm_saves_a_checkpoint_and_resumes_to_identical_weights(tmp_path):
     assert saved["global_step"] == k                            # saved at the SIGTERM, not at the last every-2
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["steps"] == k
     assert_same_weights(ref, _resume(tmp_path, "term", num_workers=2))
+    # ...and the resumed run really started at step k + 1 (a run that ignored --ckpt_path and trained all 7 steps
+    # from scratch would also end on the reference weights).
+    marks = (tmp_path / "term" / "marks").read_text().split()
+    assert marks == [str(s) for s in range(1, STEPS + 1)], marks
 
 
 # --- the same from outside the process: main.py-like subprocesses, SIGKILL / SIGTERM ---------------------------

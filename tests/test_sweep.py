@@ -12,7 +12,8 @@ import pytest
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from emu_lightning.sweep import collect, expand, load_sweep, overlay, plan, read_scalars, run_sweep, write_results
+from emu_lightning.sweep import expand, load_sweep, overlay, plan, run_sweep
+from emu_lightning.sweep_results import collect, read_scalars, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "recipes" / "debug" / "stage1_cformer.yaml"
