@@ -43,6 +43,7 @@ import yaml
 from emu_lightning.sweep_results import collect, plot, read_status, safe_name, write_results
 
 SEED_KEY = "seed_everything"
+VARIANT = "variant"                                # the table column of a `runs:` entry's name
 _CHILDREN: set[subprocess.Popen] = set()          # the runs in flight, stopped if the sweep itself is stopped
 _STOPPING = threading.Event()
 SWEEP_KEYS = {"base", "subcommand", "overrides", "grid", "runs", "seeds", "metrics", "parallel", "out"}
@@ -149,12 +150,12 @@ def expand(sweep: Sweep) -> list[Run]:
     for run, point in itertools.product(listed, grid):
         labels, overrides = {}, dict(sweep.overrides)
         if run is not None:
-            labels["run"] = run["name"]
+            labels[VARIANT] = run["name"]
             overrides.update(run.get("overrides") or {})
         for key, label in point.items():
             labels[short[key]] = label
             overrides[key] = sweep.axes[key][label]
-        config = safe_name(",".join(v if k == "run" else f"{k}={v}" for k, v in labels.items())) or "base"
+        config = safe_name(",".join(v if k == VARIANT else f"{k}={v}" for k, v in labels.items())) or "base"
         for seed in sweep.seeds or [None]:
             o = dict(overrides) if seed is None else {**overrides, SEED_KEY: seed}
             name = config if seed is None else f"{config},seed={seed}"

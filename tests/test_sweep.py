@@ -53,6 +53,14 @@ def test_runs_list_crossed_with_grid_and_labels(tmp_path):
                                       "trained,a.x.lr=2,b.y.lr=adapter_cformer_debug"]
     assert runs[0].overrides["model.init_args.policy.trainable"] == ["llm"]
     assert runs[0].seed is None and "seed_everything" not in runs[0].overrides
+    # Both keys end in `lr`, so each keeps its full dotted name as its column.
+    assert runs[0].labels == {"variant": "frozen", "a.x.lr": "1", "b.y.lr": "adapter_cformer_debug"}
+    out = tmp_path / "out"
+    for run in runs:
+        _status(out / run.name, run, "done")
+    text = write_results(collect(runs, out, {"val/acc": "max"}), out, load_sweep(path))
+    assert "| variant | a.x.lr | b.y.lr | runs done | val/acc |" in text    # the run names are a column
+    assert "| trained | 2 | adapter_cformer_debug | 1/1 | – |" in text
 
 
 @pytest.mark.parametrize("spec, message", [
