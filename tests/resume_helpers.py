@@ -18,6 +18,7 @@ from emu_lightning.checkpoint_io import SafeCheckpointIO, safe_load
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "debug" / "stage2_meanpool.yaml")
+CFORMER_RECIPE = str(ROOT / "recipes" / "debug" / "stage2_cformer.yaml")   # its C-Former can take dropout
 
 
 class StepMarker(L.Callback):
@@ -107,8 +108,8 @@ def overlay(tmp: Path, max_steps: int = 6, every: int = 2, num_workers: int = 0,
     return str(path)
 
 
-def args(overlay_path: str, ckpt: str | None = None) -> list[str]:
-    return ["fit", "--config", RECIPE, "--config", overlay_path] + (["--ckpt_path", ckpt] if ckpt else [])
+def args(overlay_path: str, ckpt: str | None = None, recipe: str = RECIPE) -> list[str]:
+    return ["fit", "--config", recipe, "--config", overlay_path] + (["--ckpt_path", ckpt] if ckpt else [])
 
 
 def weights(ckpt: str | Path) -> dict[str, torch.Tensor]:

@@ -93,6 +93,17 @@ def released_llama(prefix: str, rows: int) -> tuple[dict[str, torch.Tensor], Lla
     return state, config
 
 
+def assert_platform_rows_are_the_mean(state: dict, ours: dict) -> None:
+    """The converted `embed_tokens` and `lm_head` keep the released rows and append the platform's specials after
+    them, each appended row the mean of the released rows (spec §2)."""
+    for released, mine in (("decoder.lm.model.embed_tokens.weight", "llm.model.model.embed_tokens.weight"),
+                           ("decoder.lm.lm_head.weight", "llm.model.lm_head.weight")):
+        rows, total = state[released].shape[0], ours[mine].shape[0]
+        assert total > rows, (mine, total, rows)
+        torch.testing.assert_close(ours[mine][:rows], state[released], rtol=0, atol=0)
+        torch.testing.assert_close(ours[mine][rows:], state[released].mean(0).expand(total - rows, -1))
+
+
 def released_forward_eva(state: dict, prefix: str, pixels: torch.Tensor, postnorm: bool) -> torch.Tensor:
     """`EVAVisionTransformer.forward_features` written out from its definition (eval, non-xattn path):
     patch conv → CLS + abs pos → per block: q/k/v with bias cat(q_bias, 0, v_bias), softmax(q·scale kᵀ) v, proj;

@@ -9,12 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from emu_lightning.checkpoint_io import safe_load
 from emu_lightning.cli import cli_main
 from emu_lightning.convert import ConversionError, convert_emu2, export_emu2
 from emu_lightning.convert.tokenizer import EMU2_SPECIALS
 from emu_lightning.data.sequence import SequenceCollator
 from tests.test_convert_common import (
-    EVA, LLM, _rand, base_tokenizer, released_eva, released_forward_eva, released_llama, released_llama_model)
+    EVA, LLM, _rand, assert_platform_rows_are_the_mean, base_tokenizer, released_eva, released_forward_eva,
+    released_llama, released_llama_model)
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "emu2" / "finetune_released.yaml"
 GRID = 2   # the tiny 4×4 patch grid pooled with k = s = 2, as Emu2 pools 32×32 with k = s = 4
@@ -83,6 +85,26 @@ def test_unknown_and_missing_released_keys_are_errors_that_name_them(tmp_path):
     torch.save(state, tmp_path / "short.pt")
     with pytest.raises(ConversionError, match=r"missing \['encoder\.trunk\.blocks\.1\.mlp\.fc2\.bias'\]"):
         convert_emu2(str(tmp_path / "short.pt"), str(tmp_path / "b"), tok, EVA["heads"], LLM["heads"], GRID)
+
+
+def test_platform_tokens_are_appended_as_mean_rows(converted):
+    state, _, dst, _ = converted
+    assert_platform_rows_are_the_mean(state, safe_load(dst / "weights.pt"))
+
+
+def test_the_older_projection_names_convert_to_the_same_tensors(converted, tmp_path):
+    """Older Emu2 files name `project_up` `vl_adapter.projection` and `project_down` `decoder.lm.stu_regress_head`
+    (emu.py `load_state_dict` renames them): same parts, and the export gives the file back under its own names."""
+    state, _, dst, tok = converted
+    older = dict(state)
+    older["vl_adapter.projection.weight"] = older.pop("decoder.lm.project_up.weight")
+    older["decoder.lm.stu_regress_head.weight"] = older.pop("decoder.lm.project_down.weight")
+    torch.save(older, tmp_path / "older.pt")
+    out = convert_emu2(str(tmp_path / "older.pt"), str(tmp_path / "out"), tok, EVA["heads"], LLM["heads"], GRID)
+    ours, again = safe_load(dst / "weights.pt"), safe_load(out / "weights.pt")
+    assert again.keys() == ours.keys() and all(torch.equal(again[k], ours[k]) for k in ours)
+    back = export_emu2(str(out))
+    assert back.keys() == older.keys() and all(torch.equal(back[k], older[k]) for k in older)
 
 
 def build(dst: Path):

@@ -1,7 +1,9 @@
 """Checkpoint safety: every load is `weights_only` (a file pickling an arbitrary object is refused, naming the file
-and the object, and its payload never runs), and a save is atomic (a kill mid-write keeps the previous file)."""
+and the object, and its payload never runs), a save is atomic (a kill mid-write keeps the previous file), and the
+system's RNG states, counters and guard counts survive the round trip."""
 from __future__ import annotations
 
+import random
 import re
 import signal
 import subprocess
@@ -9,12 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from emu_lightning.checkpoint_io import SafeCheckpointIO, atomic_torch_save, safe_load
 from emu_lightning.checkpointing import read_state_dict
 from emu_lightning.cli import cli_main
+from emu_lightning.systems.base import PartsSystem
+from emu_lightning.systems.policy import StagePolicy
 from tests.resume_helpers import ROOT, args, overlay
 
 
@@ -79,6 +84,33 @@ def stalling(obj, f):
 checkpoint_io.torch.save = stalling
 checkpoint_io.atomic_torch_save({"version": torch.tensor(2), "w": torch.zeros(100_000)}, path)
 """
+
+
+def test_rng_states_counters_and_guard_ride_in_a_weights_only_checkpoint(tmp_path):
+    """`PartsSystem.on_save_checkpoint` → file → `on_load_checkpoint` → `on_train_start`: the process RNGs (torch,
+    Python, NumPy) draw after the restore what they drew after the save, and the counters and guard counts return."""
+    saved = PartsSystem(StagePolicy(trainable=[], lr={}))
+    saved.counters.update(truncated=3, skipped=5)
+    saved.guard.record(4, "loss", {"loss": float("nan")})
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    checkpoint: dict = {}
+    saved.on_save_checkpoint(checkpoint)
+    after_save = torch.rand(4), random.random(), np.random.rand(2)
+    atomic_torch_save(checkpoint, tmp_path / "last.ckpt")
+
+    torch.manual_seed(9)            # the resumed process's own streams
+    random.seed(9)
+    np.random.seed(9)
+    resumed = PartsSystem(StagePolicy(trainable=[], lr={}))
+    resumed.on_load_checkpoint(safe_load(tmp_path / "last.ckpt"))
+    assert resumed.counters == {"truncated": 3, "skipped": 5}
+    assert resumed.guard.state_dict() == {"total": 1, "steps": [4]}
+    torch.rand(3)                   # e.g. building the DataLoader iterator draws between the load and the start
+    resumed.on_train_start()
+    torch.testing.assert_close(torch.rand(4), after_save[0], rtol=0, atol=0)
+    assert random.random() == after_save[1] and np.array_equal(np.random.rand(2), after_save[2])
 
 
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):

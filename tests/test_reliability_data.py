@@ -8,12 +8,13 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import warnings
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from emu_lightning.data.mixture import SourceMixture
+from emu_lightning.data.mixture import ResumableLoader, SourceMixture
 from emu_lightning.data.real import BadImage, CocoCaptions, WebDatasetPairs
 from emu_lightning.data.real_interleaved import Mmc4Documents, VideoFolder
 from emu_lightning.data.sequence import Layout
@@ -184,6 +185,7 @@ def test_video_faults_are_named(case, tmp_path):
 def test_corrupt_images_in_the_stage2_mixture_are_skipped_counted_and_logged(tmp_path, recwarn):
     """Documents and videos whose image files exist but do not decode: the mixture skips each one, counts it on
     the step (the collator's `num_skipped`, logged as `train/skipped_total`) and warns naming the file."""
+    warnings.simplefilter("always")     # recwarn's "default" shows a repeated message once: count every skip
     for name, blob in {"a.png": GOOD, "bad.png": TRUNCATED}.items():
         (tmp_path / name).write_bytes(blob)
     docs = Mmc4Documents(str(_jsonl(tmp_path / "docs.jsonl", [
@@ -196,10 +198,37 @@ def test_corrupt_images_in_the_stage2_mixture_are_skipped_counted_and_logged(tmp
         VIDEO, VIDEO | {"id": "v2", "frames": "v2"}])))
     stream = SourceMixture({"docs": docs, "videos": videos}, {"docs": 2, "videos": 1},
                            {"docs": Layout("interleaved"), "videos": Layout("video", num_frames=2)}, prepare=lambda x: x)
-    steps = [s for s, _ in zip(stream, range(3))]
+    steps = [s for _, s in zip(range(3), stream)]     # range first: zip must not draw (and warn for) a 4th step
     got = [d["id"] for s in steps for d in s]
     assert "docs:2" not in got and "v2" not in got
     skipped = sum(d["skipped"] for s in steps for d in s)
-    assert skipped >= 2
+    skips = [str(w.message) for w in recwarn if "sample skipped and counted" in str(w.message)]
+    # Seed 0's order reads the bad document and the bad video 3 times each in these 3 steps; every read is one count.
+    assert skipped == len(skips) == 6, (skipped, skips)
+    assert sum("(document 'docs:2')" in m for m in skips) == 3 and sum("(video 'v2')" in m for m in skips) == 3
     warned = " ".join(str(w.message) for w in recwarn)
     assert "bad.png does not decode" in warned and "v2" in warned and "sample skipped and counted" in warned
+
+
+def test_webdataset_source_in_the_mixture_resumes_exactly_with_two_workers(tmp_path):
+    """Tar shards as a stage-2 source, 2 DataLoader workers, stopped after an odd step: after the resume worker 0
+    plays the other reader (the mixture rotates roles), so the shards it reads must follow that role, not its
+    worker id. The resumed steps are the uninterrupted run's, sample for sample."""
+    shards = [_shard(tmp_path / f"{s}.tar", [(f"{s}{i}", {"png": GOOD, "txt": b"a cat."}) for i in range(10)])
+              for s in "AB"]
+
+    def loader() -> ResumableLoader:
+        ds = SourceMixture({"pairs": WebDatasetPairs(shards)}, {"pairs": 2}, {"pairs": Layout("pair")},
+                           prepare=lambda x: 0)
+        return ResumableLoader(ds, num_workers=2, collate_fn=lambda step: step)
+
+    total, cut = 8, 3    # odd: the next step is the second worker's
+    ids = lambda steps: [[d["id"] for d in s] for s in steps]  # noqa: E731
+    reference = ids(s for s, _ in zip(loader(), range(total)))
+    first = loader()
+    for step, _ in zip(first, range(cut)):
+        first.consumed(step.state)
+    resumed = loader()
+    resumed.load_state_dict(first.state_dict())
+    assert ids(s for s, _ in zip(resumed, range(total - cut))) == reference[cut:]
+    assert {i[0] for s in reference[cut:] for i in s} == {"A", "B"}   # both shards, i.e. both readers, take part

@@ -100,3 +100,16 @@ def test_stage1_shares_the_guard():
     batch["pixel_values"][0] = float("nan")
     with pytest.raises(RuntimeError, match=r"step 0: non-finite loss \(loss terms: text_loss=nan, loss=nan\)"):
         system.training_step(batch, 1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 3.0e38, None], ids=str)
+def test_fast_gradient_check_agrees_with_the_elementwise_one(bad):
+    # `grads_finite` decides from the total norm first; 3e38 is finite but its square overflows the norm, which
+    # must fall back to the elementwise test and still read finite.
+    from emu_lightning.systems.base import grads_finite
+
+    grads = [torch.randn(5, 7), torch.randn(11), torch.randn(3, 2, 2).to(torch.float64)]
+    if bad is not None:
+        grads[1][4] = bad
+    elementwise = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    assert grads_finite(grads) == elementwise == (bad is None or bad == 3.0e38)

@@ -20,7 +20,7 @@ import torch
 
 from emu_lightning.checkpoint_io import safe_load
 from emu_lightning.cli import cli_main
-from tests.resume_helpers import ROOT, args, assert_same_weights, overlay
+from tests.resume_helpers import CFORMER_RECIPE, ROOT, args, assert_same_weights, overlay
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 7
@@ -106,6 +106,17 @@ def _subprocess_reference(tmp: Path) -> Path:
     return tmp / "ref" / "ckpt" / "last.ckpt"
 
 
+def _marks(path: Path) -> list[str]:
+    return path.read_text().split()
+
+
+def _assert_resumed_after(path: Path, before: list[str], step: int) -> None:
+    """The resumed process marked exactly steps step+1..STEPS: it started from the checkpoint (a run that ignored
+    --ckpt_path and trained every step from scratch would also end on the reference weights)."""
+    resumed = _marks(path)[len(before):]       # one marks file for both processes: the resumed run's come last
+    assert resumed == [str(s) for s in range(step + 1, STEPS + 1)], (step, before, resumed)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 def test_killed_subprocess_resumes_to_identical_weights(sig, tmp_path):
@@ -117,6 +128,7 @@ def test_killed_subprocess_resumes_to_identical_weights(sig, tmp_path):
     _wait_for(tmp_path / "cut" / "marks", str(k), proc)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
+    killed_marks = _marks(tmp_path / "cut" / "marks")          # the killed run's marks, before the resume's
     saved = safe_load(tmp_path / "cut" / "ckpt" / "last.ckpt")
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
@@ -125,6 +137,7 @@ def test_killed_subprocess_resumes_to_identical_weights(sig, tmp_path):
         assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
         assert "SIGTERM: saved" in out and saved["global_step"] >= k, (k, saved["global_step"], out[-2000:])
     _finish(_start(overlay(tmp_path, STEPS, num_workers=1, name="cut"), str(tmp_path / "cut" / "ckpt" / "last.ckpt")))
+    _assert_resumed_after(tmp_path / "cut" / "marks", killed_marks, saved["global_step"])
     assert_same_weights(ref, tmp_path / "cut" / "ckpt" / "last.ckpt")
 
 
@@ -147,5 +160,26 @@ def test_sigkill_during_a_slowed_checkpoint_write_keeps_the_previous_one(tmp_pat
     with pytest.raises(ValueError, match=r"not a readable torch checkpoint \(truncated or corrupt\?\)"):
         safe_load(partial[0])
     assert safe_load(folder / "last.ckpt")["global_step"] == 2
+    before = _marks(marks)
     _finish(_start(overlay(tmp_path, STEPS, num_workers=1, name="cut"), str(folder / "last.ckpt")))
+    _assert_resumed_after(marks, before, 2)
     assert_same_weights(ref, folder / "last.ckpt")
+
+
+# --- the process RNG: a model that draws from it while it trains ------------------------------------------------
+
+def test_dropout_run_resumes_to_identical_weights(tmp_path):
+    """The C-Former recipe with dropout 0.1: every training step draws dropout masks from the process RNG, so the
+    resumed run matches the uninterrupted one only if the checkpoint's RNG state is restored (`set_rng_state`).
+    (The mean-pool run above draws nothing from it: its resume would match without the restore.)"""
+    steps, k = 4, 3
+    run = lambda name, ckpt=None, **kw: cli_main(args(  # noqa: E731
+        overlay(tmp_path, steps, name=name, model={"adapter": {"init_args": {"dropout": 0.1}}}, **kw), ckpt,
+        recipe=CFORMER_RECIPE))
+    run("ref")
+    with pytest.raises(KeyError, match=f"after step {k}"):
+        run("cut", crash_at=k)
+    ckpt = tmp_path / "cut" / "ckpt" / "last.ckpt"
+    assert safe_load(ckpt)["global_step"] == 2
+    assert run("cut", str(ckpt)).trainer.global_step == steps
+    assert_same_weights(tmp_path / "ref" / "ckpt" / "last.ckpt", ckpt)

@@ -3,8 +3,9 @@
 The papers batch *per source per step* (Emu2 stage 2: image-text 12800, video 6400, interleaved 3200, ...).
 Recipe weights become per-step counts by largest remainder, so a source's share is exact at every step
 and its loss can be logged on its own. Map-style sources are read in a fresh seeded permutation each pass,
-sharded over ranks and workers; an iterable source (tar shards) shards itself and is restarted when it
-ends. Each yielded item is one whole step's list of documents, laid out and image-transformed in the worker.
+sharded over ranks and workers; an iterable source (tar shards) shards itself, as the reader the mixture
+names (`iter_shard(reader, readers)`), and is restarted when it ends. Each yielded item is one whole step's
+list of documents, laid out and image-transformed in the worker.
 
 Resumable: each step carries the position of its reader after it (`Step.state`: per source the pass and the
 offset in it, and the step count). The layouts' random draws (caption pick, text/image order) come from a
@@ -86,8 +87,10 @@ class SourceMixture(IterableDataset):
         ds = self.sources[name]
         for epoch in itertools.count(pos[0]):
             if isinstance(ds, IterableDataset):
-                # Shards itself over ranks and workers (e.g. WebDatasetPairs); a resume re-reads `offset` samples.
-                items = itertools.islice(iter(ds), pos[1], None)
+                # Shards itself; a resume re-reads `offset` samples. After a resume a worker plays another reader
+                # (`_shard`), so a source that can be told which one (`iter_shard`, e.g. WebDatasetPairs) is told.
+                stream = ds.iter_shard(me, readers) if hasattr(ds, "iter_shard") else iter(ds)
+                items = itertools.islice(stream, pos[1], None)
             else:
                 # Every reader draws the same permutation of this pass and keeps its own slice of it.
                 salt = sorted(self.sources).index(name)
@@ -128,6 +131,11 @@ class SourceMixture(IterableDataset):
     def __iter__(self) -> Iterator[Step]:
         me, readers, nw = _shard(self.resume["offset"] if self.resume else 0)
         state = self._start(me, readers, nw)
+        blind = [n for n, ds in self.sources.items()
+                 if isinstance(ds, IterableDataset) and not hasattr(ds, "iter_shard")]
+        if blind and self.resume and self.resume["offset"] % nw:
+            warnings.warn(f"streamed sources {blind} shard by worker id and take no reader role (`iter_shard`): "
+                          f"after this resume their workers read other readers' samples (not the exact stream)")
         streams = {name: self._samples(name, state["sources"][name], me, readers) for name in self.counts}
         while True:
             step = Step()

@@ -169,21 +169,31 @@ class WebDatasetPairs(IterableDataset):
         self.max_bad_fraction, self.min_samples_for_check = max_bad_fraction, min_samples_for_check
         self.stats: Counter = Counter()
 
-    def my_shards(self) -> list[str]:
-        """This (rank, worker)'s shards: every ``total``-th from its global worker index."""
-        rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        info = get_worker_info()
-        wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
-        total = world * nworkers
-        if total > len(self.shards):
-            warnings.warn(f"WebDatasetPairs: {len(self.shards)} shards < {total} readers (rank x worker)")
-        return self.shards[rank * nworkers + wid :: total]
+    def my_shards(self, reader: int | None = None, readers: int | None = None) -> list[str]:
+        """Reader ``reader`` of ``readers``'s shards: every ``readers``-th from index ``reader``.
+
+        By default the reader is the (rank, DataLoader worker) running this: rank * workers + worker id of
+        world * workers. The stage-2 mixture names the reader instead, since after a resume a worker plays
+        another worker's role (`mixture._shard`) and must read that reader's shards.
+        """
+        if reader is None or readers is None:
+            rank, world = 0, 1
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            info = get_worker_info()
+            wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
+            reader, readers = rank * nworkers + wid, world * nworkers
+        if readers > len(self.shards):
+            warnings.warn(f"WebDatasetPairs: {len(self.shards)} shards < {readers} readers (rank x worker)")
+        return self.shards[reader::readers]
 
     def __iter__(self) -> Iterator[dict]:
+        return self.iter_shard()
+
+    def iter_shard(self, reader: int | None = None, readers: int | None = None) -> Iterator[dict]:
+        """The samples of `my_shards(reader, readers)`, in order (``__iter__``: the running worker's)."""
         self.stats = Counter()
-        for shard in self.my_shards():
+        for shard in self.my_shards(reader, readers):
             try:
                 for key, files in self._groups(shard):
                     sample = self._decode(shard, key, files)
