@@ -13,13 +13,20 @@ import torch
 
 def batch_counts(batch) -> tuple[int, int | None]:
     """(samples, non-padding tokens or None) of a batch dict."""
+    samples, tokens = _counts(batch)
+    return samples, (int(tokens) if tokens is not None else None)
+
+
+def _counts(batch) -> tuple[int, torch.Tensor | None]:
+    # The token count stays a tensor on the batch's device: summed over the window and read once at its end,
+    # not synchronised with the device at every step.
     if not isinstance(batch, dict):
         raise TypeError(f"Throughput expects a dict batch; got {type(batch).__name__}")
     lead = batch.get("input_ids", batch.get("pixel_values"))
     if lead is None:
         lead = next(v for v in batch.values() if isinstance(v, torch.Tensor))
     mask = batch.get("attention_mask")
-    return int(lead.shape[0]), (int(mask.sum()) if isinstance(mask, torch.Tensor) else None)
+    return int(lead.shape[0]), ((mask > 0).sum() if isinstance(mask, torch.Tensor) else None)
 
 
 class Throughput(L.Callback):
@@ -54,16 +61,17 @@ class Throughput(L.Callback):
         now = time.perf_counter()
         self._busy += now - self._start
         self._last_end = now
-        samples, tokens = batch_counts(batch)
+        samples, tokens = _counts(batch)
         self._batches += 1
         self._samples += samples
-        self._tokens += tokens or 0
+        if tokens is not None:
+            self._tokens = self._tokens + tokens
         if self._batches < (self.window or trainer.log_every_n_steps):
             return
         world, elapsed = trainer.world_size, self._busy + self._wait
         metrics = {"throughput/samples_per_sec": world * self._samples / elapsed,
                    "throughput/data_wait_frac": self._wait / elapsed}
         if tokens is not None:
-            metrics["throughput/tokens_per_sec"] = world * self._tokens / elapsed
+            metrics["throughput/tokens_per_sec"] = world * int(self._tokens) / elapsed
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=samples)
         self._reset()

@@ -71,6 +71,9 @@ def test_batch_counts_needs_a_dict():
     assert batch_counts({"input_ids": torch.zeros(5, 2)}) == (5, None)
     with pytest.raises(TypeError, match="dict batch"):
         batch_counts([torch.zeros(2)])
+    # A packed row's mask numbers its documents (0 = padding): tokens are the non-zero entries, not the sum.
+    packed = {"input_ids": torch.zeros(1, 6, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 2, 2, 3, 0]])}
+    assert int(batch_counts(packed)[1]) == 5
 
 
 def test_flatten_config_gives_tensorboard_scalars():

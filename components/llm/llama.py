@@ -53,8 +53,15 @@ class LlamaLM(nn.Module):
         if pretrained_path is not None:
             if not (Path(pretrained_path) / "config.json").is_file():
                 raise FileNotFoundError(f"no Hugging Face model (config.json) in pretrained_path={pretrained_path}")
-            self.model = LlamaForCausalLM.from_pretrained(
-                pretrained_path, local_files_only=True, attn_implementation=ATTN_IMPLEMENTATION)
+            self.model, info = LlamaForCausalLM.from_pretrained(
+                pretrained_path, local_files_only=True, attn_implementation=ATTN_IMPLEMENTATION,
+                output_loading_info=True)
+            # transformers would initialise missing weights at random with a warning: a wrong folder is an error.
+            bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys",
+                                                                   "mismatched_keys") and v}
+            if bad:
+                raise RuntimeError(f"pretrained_path={pretrained_path} does not match LlamaForCausalLM: " + "; ".join(
+                    f"{k.replace('_', ' ')} {v[:20]} ({len(v)})" for k, v in bad.items()))
         else:
             config = LlamaConfig(
                 hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
@@ -84,13 +91,32 @@ class LlamaLM(nn.Module):
     def forward(self, embeds: Tensor, mask: Tensor, cache: Any | None = None) -> tuple[Tensor, Any]:
         """Run the decoder; with a cache, `mask` covers past and new tokens (B,T_past+T).
 
+        Without a cache, `mask` may instead number packed documents 1, 2, ... per row (0 = padding): each then
+        attends only within itself, with positions restarting at 0 (`_forward_packed`).
+
         Returns the final-norm hidden state (B,T,D_llm) and the updated cache (None when none given).
         """
         T = embeds.shape[1]
+        if cache is None and bool((mask > 1).any()):
+            return self._forward_packed(embeds, mask), None
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]   # (B,T): left padding keeps 0..n-1
         out = self.model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                past_key_values=cache, use_cache=cache is not None)
         return out.last_hidden_state, out.past_key_values
+
+    def _forward_packed(self, embeds: Tensor, segments: Tensor) -> Tensor:
+        """Several documents per row: `segments` (B,T) numbers them 1, 2, ... (0 = trailing padding).
+
+        Positions restart at 0 with each document (and with the padding run); without an attention mask,
+        transformers reads those restarts as packed sequences and attends block-diagonally (causal within a
+        document, never across), for sdpa, eager and flash attention alike.
+        """
+        T = segments.shape[1]
+        idx = torch.arange(T, device=segments.device).expand_as(segments)                    # (B,T)
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]                                  # (B,T) a run begins
+        positions = idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(-1).values  # (B,T) 0.. per run
+        return self.model.model(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(B,T,D_llm) -> (B,T,V)."""

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
+from torch.nn.utils import get_total_norm
 
 from components.base import Adapter, CausalLM, VisualEncoder
 from components.multimodal import scatter_visual
@@ -24,6 +25,19 @@ from emu_lightning.data.tokenizer import load_tokenizer
 from emu_lightning.data.tokens import SpecialIds
 from emu_lightning.systems.guard import NonFiniteGuard
 from emu_lightning.systems.policy import StagePolicy
+
+
+def grads_finite(grads: list[Tensor]) -> bool:
+    """Whether every element of `grads` is finite.
+
+    A finite total 2-norm proves it (a NaN or ±inf propagates through the sum of squares), and costs one fused
+    pass (`get_total_norm`, ~0.4 ms for the 3.6 M-parameter debug model against ~17 ms for an elementwise
+    `isfinite` per tensor). Only a non-finite norm, which finite values whose squares overflow can also give,
+    takes the exact elementwise test.
+    """
+    if bool(torch.isfinite(get_total_norm(grads))):
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def _adamw(params: Any) -> torch.optim.Optimizer:
@@ -73,6 +87,12 @@ class PartsSystem(L.LightningModule):
         if self.init_from and self.handoff_report is None:
             self.handoff_report = load_parts(self.parts, self.init_from, self.handoff)
             rank_zero_info(str(self.handoff_report))
+
+    def configure_model(self) -> None:
+        # Sharding sits beside the model (sharding.py): FSDP2 under EmuModelParallelStrategy, else nothing.
+        from emu_lightning.systems.sharding import configure_sharding
+
+        configure_sharding(self)
 
     def train(self, mode: bool = True) -> PartsSystem:
         # Frozen parts stay in eval mode (no dropout, fixed norms) even while the system trains.
@@ -131,8 +151,7 @@ class PartsSystem(L.LightningModule):
         grads = {id(p): p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None}
         if not grads:
             return  # the loss was skipped: no backward ran
-        finite = torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()
-        if self._all_ranks(bool(finite)):
+        if self._all_ranks(grads_finite(list(grads.values()))):
             return
         names = [n for n, p in self.named_parameters() if id(p) in grads and not torch.isfinite(grads[id(p)]).all()]
         optimizer.zero_grad(set_to_none=True)
@@ -231,8 +250,10 @@ class EmuSystem(PartsSystem):
     def on_fit_start(self) -> None:
         # The run keeps its tokenizer beside its logs: `tokenizer: <log_dir>/tokenizer` reloads it exactly.
         # Without a logger there is no run directory (log_dir would fall back to the working directory).
-        if self.trainer.is_global_zero and self.trainer.logger is not None and self.trainer.log_dir:
-            self.tokenizer.save_pretrained(str(Path(self.trainer.log_dir) / "tokenizer"))
+        # `trainer.log_dir` broadcasts from rank 0: every rank reads it, or rank 0 waits forever (DDP / FSDP).
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
+        if self.trainer.is_global_zero and log_dir:
+            self.tokenizer.save_pretrained(str(Path(log_dir) / "tokenizer"))
 
     def encode_images(self, pixels: Tensor) -> Tensor:
         """(n,3,H,W) → (n,N,D_llm) visual embeddings."""

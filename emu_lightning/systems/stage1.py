@@ -41,9 +41,14 @@ class Stage1System(EmuSystem):
         hidden, _ = self.llm(self.embed_multimodal(input_ids, visual), attention_mask)
         return self.llm.logits(hidden)
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def loss_terms(self, batch: dict) -> dict[str, Tensor]:
+        """The training loss and its named terms (caption CE)."""
         losses = text_loss(self(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]), batch["labels"])
         losses["loss"] = losses["text_loss"]
+        return losses
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        losses = self.loss_terms(batch)
         self.counters["truncated"] += int(batch["num_truncated"])
         self.log("train/truncated_total", float(self.counters["truncated"]))
         loss = self.checked_loss(losses)

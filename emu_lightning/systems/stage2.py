@@ -82,8 +82,16 @@ class Stage2System(MultimodalEval, EmuSystem):
         """(n,L,D_enc) encoder tokens, (n,N,D_llm) adapter outputs → (n,N,D_tgt) the `<image>` targets."""
         return self.adapter.pool(feats) if self.target_space == "pooled" else visual
 
+    def loss_terms(self, batch: dict) -> dict[str, Tensor]:
+        """The training loss and its named terms, without the per-source breakdown (what a bare loop needs)."""
+        return self._forward(batch)[0]
+
     def losses(self, batch: dict) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
         """Named loss terms of a batch, and per data source."""
+        out, (ce, is_text, pos, pred, target) = self._forward(batch)
+        return out, self.per_source(batch, ce, is_text, pos, pred, target)
+
+    def _forward(self, batch: dict) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
         ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
         with torch.no_grad():                                          # frozen encoder (policy-checked)
             feats = self.encoder(pixels) if len(pixels) else None     # (n,L,D_enc)
@@ -100,6 +108,12 @@ class Stage2System(MultimodalEval, EmuSystem):
         out = {"text_loss": text, **reg, "loss": self.text_weight * text + self.regression_weight * reg["regression_loss"]}
         if self.target_space == "adapter" and len(target) > 1:
             out["target_var"] = target.detach().float().var(0).mean()  # Emu1 targets train: watch for collapse
+        return out, (ce, is_text, pos, pred, target)
+
+    @staticmethod
+    def per_source(batch: dict, ce: Tensor, is_text: Tensor, pos: Tensor, pred: Tensor,
+                   target: Tensor) -> dict[str, dict[str, Tensor]]:
+        """Source name → its detached text CE and regression MSE (only the terms the source has in this batch)."""
         per_source = {}
         rows = pos.nonzero()[:, 0]                                      # (P,) sample of each regressed position
         sq = (pred.detach().float() - target.float()).pow(2).mean(-1)  # (P,)
@@ -111,7 +125,7 @@ class Stage2System(MultimodalEval, EmuSystem):
             if mine[rows].any():
                 terms["regression_loss"] = sq[mine[rows]].mean()
             per_source[name] = terms
-        return out, per_source
+        return per_source
 
     def regression_pairs(self, ids: Tensor, embeds: Tensor, feats: Tensor | None, visual: Tensor,
                          regress: Tensor) -> tuple[Tensor, Tensor]:
