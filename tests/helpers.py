@@ -1,6 +1,10 @@
 """Tiny real systems for tests (no mocks): 32-px EVA, 2-layer Llama, both adapters."""
 from __future__ import annotations
 
+import io
+import tarfile
+from pathlib import Path
+
 import torch
 
 from components.adapters.cformer import CFormer
@@ -105,3 +109,14 @@ def tiny_decoder(condition: str = "pooled", image_size: int = 16, lr: float = 1e
                                                     in_channels=space.channels if space else 3)
     return DecoderSystem(tiny_encoder(), tiny_adapter("meanpool"), unet, space=space, condition=condition,
                          image_size=image_size, policy=policy, sample_steps=2, **kwargs)
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """A webdataset shard: each (key, {ext: bytes}) sample as files `<key>.<ext>`, in order."""
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for ext, payload in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return path

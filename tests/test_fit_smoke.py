@@ -107,10 +107,11 @@ def test_stage1_loss_falls(tmp_path, monkeypatch):
 
 def test_cli_fit_on_real_format_data(tmp_path, monkeypatch):
     """Tar shards (LAION-style) for training and a COCO-captions set for validation, through the same CLI."""
-    from tests.test_real_data import _good, _write_coco, _write_tar
+    from tests.helpers import write_tar
+    from tests.test_real_data import _good, _write_coco
 
     monkeypatch.chdir(tmp_path)
-    shards = [_write_tar(tmp_path / f"shard-{i:03d}.tar", [_good(f"s{i}_{k}") for k in range(8)]) for i in range(2)]
+    shards = [write_tar(tmp_path / f"shard-{i:03d}.tar", [_good(f"s{i}_{k}") for k in range(8)]) for i in range(2)]
     coco = _write_coco(tmp_path)
     cfg = yaml.safe_load(Path(_overlay(tmp_path, 2)).read_text())
     cfg["data"]["init_args"] = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from emu_lightning.data.real import CocoCaptions, WebDatasetPairs, expand_urls
+from tests.helpers import write_tar
 
 
 def _png(color: tuple[int, int, int] = (200, 10, 10), size: int = 8) -> bytes:
@@ -35,14 +35,6 @@ def _write_coco(tmp_path: Path, images: tuple[str, ...] = ("a.png", "b.png", "c.
     return path
 
 
-def _write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for ext, payload in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    return path
 
 
 def _good(key: str) -> tuple[str, dict[str, bytes]]:
@@ -119,7 +111,7 @@ def test_tar_skips_and_counts_bad_samples(tmp_path: Path) -> None:
     samples.insert(3, ("corrupt", {"png": b"not an image at all", "txt": b"a caption"}))
     samples.insert(6, ("notext", {"png": _png()}))
     samples.append(("jsoncap", {"jpg": _png(), "json": json.dumps({"caption": "from json"}).encode()}))
-    shard = _write_tar(tmp_path / "shard-000.tar", samples)
+    shard = write_tar(tmp_path / "shard-000.tar", samples)
     ds = WebDatasetPairs(str(shard), max_bad_fraction=0.25)
     with pytest.warns(UserWarning) as record:
         items = list(ds)
@@ -133,21 +125,21 @@ def test_tar_skips_and_counts_bad_samples(tmp_path: Path) -> None:
 
 def test_tar_bad_fraction_aborts_with_shard_and_counts(tmp_path: Path) -> None:
     samples = [_good(f"g{k:02d}") for k in range(15)] + [(f"b{k}", {"png": _png()}) for k in range(6)]
-    shard = _write_tar(tmp_path / "bad.tar", samples)
+    shard = write_tar(tmp_path / "bad.tar", samples)
     expected = r"bad\.tar: 5 of 20 samples skipped \(25\.0% > max_bad_fraction 10\.0%\)"
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match=expected):
         list(WebDatasetPairs(str(shard), max_bad_fraction=0.1))
     # The same fraction below 20 samples is tolerated, but a stream with no good sample is not.
-    few = _write_tar(tmp_path / "few.tar", samples[:12] + samples[15:17])  # 2 of 14 bad, under 20 seen
+    few = write_tar(tmp_path / "few.tar", samples[:12] + samples[15:17])  # 2 of 14 bad, under 20 seen
     with pytest.warns(UserWarning):
         assert len(list(WebDatasetPairs(str(few), max_bad_fraction=0.1))) == 12
-    allbad = _write_tar(tmp_path / "allbad.tar", samples[15:18])
+    allbad = write_tar(tmp_path / "allbad.tar", samples[15:18])
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="all 3 samples skipped"):
         list(WebDatasetPairs(str(allbad)))
 
 
 def test_tar_missing_shard(tmp_path: Path) -> None:
-    _write_tar(tmp_path / "s-0.tar", [_good("a")])
+    write_tar(tmp_path / "s-0.tar", [_good("a")])
     with pytest.raises(FileNotFoundError, match=r"s-1\.tar"):
         WebDatasetPairs(str(tmp_path / "s-{0..1}.tar"))
 
@@ -157,7 +149,7 @@ def _four_shards(tmp_path: Path) -> tuple[str, set[str]]:
     for s in range(4):
         ks = [f"shard{s}_{k}" for k in range(3)]
         keys.update(ks)
-        _write_tar(tmp_path / f"shard-{s:03d}.tar", [_good(k) for k in ks])
+        write_tar(tmp_path / f"shard-{s:03d}.tar", [_good(k) for k in ks])
     return str(tmp_path / "shard-{000..003}.tar"), keys
 
 

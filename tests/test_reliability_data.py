@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from emu_lightning.data.mixture import ResumableLoader, SourceMixture
 from emu_lightning.data.real import BadImage, CocoCaptions, WebDatasetPairs
 from emu_lightning.data.real_interleaved import Mmc4Documents, VideoFolder
 from emu_lightning.data.sequence import Layout
+from tests.helpers import write_tar
 
 
 def _png_bytes(value: int = 90) -> bytes:
@@ -90,23 +90,13 @@ def test_coco_corrupt_image_is_a_named_skip(blob, tmp_path):
 
 # --- webdataset shards ---------------------------------------------------------------------------------------
 
-def _shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for ext, blob in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(blob)
-                tar.addfile(info, io.BytesIO(blob))
-    return str(path)
-
-
 def test_webdataset_faults_are_counted_skips(tmp_path, recwarn):
     good = lambda k: (k, {"png": GOOD, "txt": b"a cat."})  # noqa: E731
-    shard = _shard(tmp_path / "s.tar", [
+    shard = str(write_tar(tmp_path / "s.tar", [
         good("ok0"), ("trunc", {"png": TRUNCATED, "txt": b"x"}), ("garbage", {"jpg": GARBAGE, "txt": b"x"}),
         ("noimage", {"txt": b"x"}), ("empty", {"png": GOOD, "txt": b"   "}), ("latin1", {"png": GOOD, "txt": b"\xff"}),
         ("jsonint", {"png": GOOD, "json": b'{"caption": 5}'}), ("badjson", {"png": GOOD, "json": b"{"}),
-        ("huge", {"png": GOOD, "txt": HUGE.encode()}), good("ok1")])
+        ("huge", {"png": GOOD, "txt": HUGE.encode()}), good("ok1")]))
     ds = WebDatasetPairs(shard, max_bad_fraction=0.9)
     ids = [s["id"] for s in ds]
     assert ids == ["ok0", "huge", "ok1"]
@@ -117,7 +107,7 @@ def test_webdataset_faults_are_counted_skips(tmp_path, recwarn):
 
 
 def test_webdataset_truncated_shard_keeps_what_it_read_and_counts(tmp_path, recwarn):
-    whole = Path(_shard(tmp_path / "w.tar", [(f"k{i}", {"png": GOOD, "txt": b"a cat."}) for i in range(6)]))
+    whole = write_tar(tmp_path / "w.tar", [(f"k{i}", {"png": GOOD, "txt": b"a cat."}) for i in range(6)])
     cut = tmp_path / "cut.tar"
     cut.write_bytes(whole.read_bytes()[:5000])    # inside sample k2's files (a cut exactly at a member boundary
     ds = WebDatasetPairs([str(cut), str(whole)])  # reads as a shorter tar: tar has no index to tell)
@@ -214,7 +204,7 @@ def test_webdataset_source_in_the_mixture_resumes_exactly_with_two_workers(tmp_p
     """Tar shards as a stage-2 source, 2 DataLoader workers, stopped after an odd step: after the resume worker 0
     plays the other reader (the mixture rotates roles), so the shards it reads must follow that role, not its
     worker id. The resumed steps are the uninterrupted run's, sample for sample."""
-    shards = [_shard(tmp_path / f"{s}.tar", [(f"{s}{i}", {"png": GOOD, "txt": b"a cat."}) for i in range(10)])
+    shards = [str(write_tar(tmp_path / f"{s}.tar", [(f"{s}{i}", {"png": GOOD, "txt": b"a cat."}) for i in range(10)]))
               for s in "AB"]
 
     def loader() -> ResumableLoader:
