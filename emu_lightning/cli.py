@@ -39,6 +39,20 @@ class EmuCLI(LightningCLI):
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         if cfg.trainer.enable_progress_bar is False and cfg.trainer.callbacks:
             cfg.trainer.callbacks = [c for c in cfg.trainer.callbacks if not c.class_path.endswith("ProgressBar")]
+        self._copy_template(cfg)
+
+    @staticmethod
+    def _copy_template(cfg) -> None:
+        # The chat template is named once, on the model (it builds the prompts and is saved with it); the data
+        # renders the training conversations with the same one. A different explicit data template is an error.
+        model = cfg.get("model") and cfg.model.get("init_args")
+        data = cfg.get("data") and cfg.data.get("init_args")
+        if not model or not data or "template" not in model or "template" not in data:
+            return
+        if data.template is not None and data.template != model.template:
+            raise ValueError(f"data.init_args.template={data.template!r} differs from model.init_args.template="
+                             f"{model.template!r}: name the chat template once, on the model")
+        data.template = model.template
 
 
     def _parse_ckpt_path(self) -> None:

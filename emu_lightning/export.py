@@ -4,7 +4,7 @@
 
 The folder needs neither Lightning nor this platform's training code to use:
 
-    emu_config.json            # each part's class_path + init_args, target space, N, special token ids
+    emu_config.json            # each part's class_path + init_args, target space, N, chat template if any
     encoder.safetensors        # EVA trunk (the blocks up to the feature layer; no final norm / head)
     adapter.safetensors        # C-Former or mean-pool projector
     regression_head.safetensors
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib
 import json
 from pathlib import Path
@@ -54,6 +55,8 @@ def export_model(system: nn.Module, folder: str | Path, specs: dict[str, dict]) 
         raise ValueError(f"specs has no class_path / init_args for parts {missing} (given: {sorted(specs)})")
     config: dict[str, Any] = {"parts": {}, "target_space": getattr(system, "target_space", None),
                               "num_image_tokens": system.adapter.num_tokens}
+    if getattr(system, "template", None) is not None:   # a chat-tuned model keeps its chat template
+        config["chat_template"] = dataclasses.asdict(system.template)
     for name in parts:
         spec = copy.deepcopy(specs[name])
         spec["init_args"] = {k: v for k, v in spec.get("init_args", {}).items() if k not in _WEIGHT_PATHS}

@@ -155,7 +155,7 @@ class EmuImagePipeline:
 
 
 def load_system(run_dir_or_config: str | Path, ckpt: str | Path | None = None,
-                weights_only: bool = True) -> PartsSystem:
+                weights_only: bool = True, tokenizer: str | None = None) -> PartsSystem:
     """Rebuild a system from a LightningCLI run's `config.yaml` and load a checkpoint's weights strictly.
 
     The saved config is the `fit` subcommand's (it holds `ckpt_path`, `weights_only` and the data); with
@@ -168,6 +168,8 @@ def load_system(run_dir_or_config: str | Path, ckpt: str | Path | None = None,
         ckpt: checkpoint to load; None = `<run dir>/checkpoints/last.ckpt`.
         weights_only: unpickle tensors and plain containers only. CLI-made checkpoints allow it (their
             hyper-parameters are plain dicts); pass False only for a checkpoint you trust that pickles objects.
+        tokenizer: a tokenizer folder replacing the run's `model.init_args.tokenizer`; it must have as many
+            tokens as the checkpoint's LLM has embedding rows (checked, with both numbers in the error).
     """
     from emu_lightning.cli import cli_main
 
@@ -183,6 +185,8 @@ def load_system(run_dir_or_config: str | Path, ckpt: str | Path | None = None,
     model = saved["model"]
     if "init_from" in model.get("init_args", {}):
         model["init_args"]["init_from"] = None
+    if tokenizer is not None:
+        model.setdefault("init_args", {})["tokenizer"] = tokenizer
     args = {"model": model, "trainer": {**_INERT_TRAINER, "callbacks": []}, "seed_everything": False}
     system = cli_main(args, run=False).model
     try:
@@ -191,5 +195,11 @@ def load_system(run_dir_or_config: str | Path, ckpt: str | Path | None = None,
         raise ValueError(f"{ckpt} pickles objects other than tensors and plain containers (e.g. hyper-parameters "
                          f"saved as class instances outside LightningCLI), which weights_only=True refuses; if "
                          f"you trust the file, load it with weights_only=False") from err
-    system.load_state_dict(obj.get("state_dict", obj), strict=True)
+    state = obj.get("state_dict", obj)
+    rows = [v.shape[0] for k, v in state.items() if k.endswith("embed_tokens.weight")]
+    if rows and hasattr(system, "tokenizer") and rows[0] != len(system.tokenizer):
+        source = tokenizer or model.get("init_args", {}).get("tokenizer") or "the synthetic BPE (tokenizer: null)"
+        raise ValueError(f"tokenizer {source} has {len(system.tokenizer)} tokens but the LLM in {ckpt} has {rows[0]} "
+                         f"embedding rows: load the tokenizer the model was trained with (<run>/tokenizer)")
+    system.load_state_dict(state, strict=True)
     return system.eval()

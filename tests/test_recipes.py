@@ -41,7 +41,8 @@ def test_real_size_recipe_builds_on_meta(recipe):
                  "--data.init_args.val", "null",
                  "--data.init_args.test", "null", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
                  "--trainer.strategy", "auto", "--trainer.logger", "false"]
-    stage2 = "stage2" in recipe.name or recipe.name == "finetune_released.yaml"  # released fine-tuning = stage 2
+    # Released fine-tuning and instruction tuning (chat, gen) are stage-2 models too, at stage 2's 448 px.
+    stage2 = "stage2" in recipe.name or recipe.name in ("finetune_released.yaml", "chat.yaml", "gen.yaml")
     if stage2:  # the real sources' names go with them
         overrides += ["--data.init_args.weights", "null", "--data.init_args.layouts", "null",
                       "--data.init_args.demos", "null"]

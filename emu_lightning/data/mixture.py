@@ -166,7 +166,8 @@ class SourceMixture(IterableDataset):
                 if skipped >= self.max_skips:
                     raise RuntimeError(f"source {name!r}: {skipped} samples skipped in one step; last: {err}") from None
         return {"id": sample.get("id"), "source": name, "skipped": skipped,
-                "segments": [(k, self._prep(v)) for k, v in segments]}
+                "segments": [(k, self._prep(v)) for k, v in segments],
+                "regress": getattr(segments, "regress", "all"), "targets": getattr(segments, "targets", None)}
 
     def _prep(self, value: Any) -> Any:
         if isinstance(value, str):

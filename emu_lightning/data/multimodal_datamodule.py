@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from emu_lightning.data.chat import chat_template
 from emu_lightning.data.datamodule import NamedEvalSets, image_transform
 from emu_lightning.data.mixture import ResumableLoader, SourceMixture, Step, step_counts
 from emu_lightning.data.sequence import Layout, SequenceCollator
@@ -42,7 +43,11 @@ class _EvalCollate:
 
     def __call__(self, samples: list[dict]) -> dict:
         samples = [self.dm.prepare_sample(s) for s in samples]
-        docs = [{"id": s["id"], "source": "eval", "segments": self.layout(s)} for s in samples]
+        docs = []
+        for s in samples:
+            segs = self.layout(s)
+            docs.append({"id": s["id"], "source": "eval", "segments": segs, "regress": segs.regress,
+                         "targets": segs.targets})
         return {**self.dm.collator()(docs), "samples": samples, "layout": self.layout.kind}
 
 
@@ -70,6 +75,8 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
         image_first_p: probability an interleaved image precedes its sentence.
         demo_pool_size: demonstrations pool size of the default synthetic pools.
         seed: seed of the per-pass source permutations.
+        template: chat template of `chat` sources (a preset name or `ChatTemplate` fields); the CLI copies the
+            model's `template` here, so a recipe names it once.
         tokenizer: linked from `model.tokenizer` by the CLI.
         num_image_tokens: linked from `model.adapter.num_tokens` by the CLI.
     """
@@ -80,7 +87,8 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
                  image_size: int = 64, batch_size: int = 24, eval_batch_size: int = 32, num_workers: int = 0,
                  max_length: int = 256, num_frames: int = 8, skip_short_videos: bool = False,
                  video_token: bool = True, text_first_p: float = 0.5, image_first_p: float = 0.5,
-                 demo_pool_size: int = 256, seed: int = 0, tokenizer: Any = None, num_image_tokens: int = 16):
+                 demo_pool_size: int = 256, seed: int = 0, template: str | dict | None = None,
+                 tokenizer: Any = None, num_image_tokens: int = 16):
         super().__init__()
         syn = lambda kind, split, n: _synthetic(kind, split, n, image_size)  # noqa: E731
         self.train_sets = train if train is not None else {
@@ -95,6 +103,10 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
             if n not in layouts and isinstance(ds, IterableDataset):
                 raise ValueError(f"training source {n!r} is a stream: name its layout in `layouts`")
             self.layout_kinds[n] = layouts.get(n) or Layout.infer(ds[0])
+        chats = [n for n, k in self.layout_kinds.items() if k == "chat"]
+        if chats and template is None:
+            raise ValueError(f"training sources {chats} are chat conversations but `template` is None: set the "
+                             f"model's `template` (the CLI copies it here) or the datamodule's")
         self.weights = weights or {n: 1.0 for n in self.train_sets}
         if set(self.weights) != set(self.train_sets):
             raise ValueError(f"weights name {sorted(self.weights)} but the sources are {sorted(self.train_sets)}")
@@ -111,6 +123,7 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
         self.max_length, self.num_frames, self.skip_short_videos = max_length, num_frames, skip_short_videos
         self.video_token, self.text_first_p, self.image_first_p = video_token, text_first_p, image_first_p
         self.seed, self.tokenizer, self.num_image_tokens = seed, tokenizer, num_image_tokens
+        self.template = chat_template(template)
         self._pools: dict[str, list[dict]] = {}
 
     def _default_demos(self, size: int, image_size: int) -> dict[str, Dataset]:
@@ -122,7 +135,8 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
                 for name, ds in {**self.val_sets, **self.test_sets}.items() if type(ds) in kinds}
 
     def layout(self, kind: str, train: bool) -> Layout:
-        return Layout(kind, self.text_first_p, self.image_first_p, self.num_frames, self.skip_short_videos, train)
+        return Layout(kind, self.text_first_p, self.image_first_p, self.num_frames, self.skip_short_videos, train,
+                      self.template)
 
     def collator(self) -> SequenceCollator:
         if self.tokenizer is None:
@@ -133,7 +147,7 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
     def prepare_sample(self, s: dict) -> dict:
         """Transform every image of a raw sample ("image", "images", "frames") to a normalised tensor."""
         out = dict(s)
-        for key in ("images", "frames"):
+        for key in ("images", "frames", "video", "references"):
             if key in s:
                 out[key] = [self.transform(im) for im in s[key]]
         if "image" in s:
@@ -174,3 +188,7 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader(ds) for ds in self.test_sets.values()]
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        # `main.py predict` runs over the test sets (a prediction writer saves the outputs).
+        return self.test_dataloader()

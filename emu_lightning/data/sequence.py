@@ -9,6 +9,11 @@ The collator writes `<s>` + segments + `</s>` with every image as `[IMG]<image>�
 - regression: the system reads it off `input_ids` (the position before each `<image>`, and for Emu1 before
   `[/IMG]`), so the collator only says which images regress (`regress_images`, all by default).
 
+Chat documents (`chat.py`) use `("prompt", str)` (no loss) and `("answer", str)` (loss) instead of `text`: each run of
+them between visual spans is tokenized as one string with character offsets, and the doc's `targets` (its raw
+answers) are checked against the resulting mask (`check_answer_mask`). A layout returns `Segments`, a list that
+also says which images regress and, for chat, the answers.
+
 A document longer than `max_length` is cut at a segment boundary or inside a text segment, never inside a
 visual span, loses its `</s>`, and is counted in `num_truncated`.
 """
@@ -19,10 +24,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from emu_lightning.data.chat import check_answer_mask, conversation_turns
 from emu_lightning.data.collate import IGNORE, image_block
-from emu_lightning.data.tokens import SpecialIds
+from emu_lightning.data.tokens import IMAGE, SpecialIds
 
-LAYOUTS = ("pair", "interleaved", "video", "storyboard", "vqa", "text")
+LAYOUTS = ("pair", "interleaved", "video", "storyboard", "vqa", "text", "chat", "gen")
+
+
+class Segments(list):
+    """A document's segments, plus what the collator needs beyond them.
+
+    Attributes:
+        regress: which images the regression loss covers: "all", "last" (Emu2-Gen) or "none" (chat).
+        targets: chat only: the assistant answers the loss mask must cover exactly (from the raw sample).
+    """
+
+    def __init__(self, items=(), regress: str = "all", targets: list[str] | None = None):
+        super().__init__(items)
+        self.regress, self.targets = regress, targets
 
 
 class SkipSample(Exception):
@@ -53,17 +72,25 @@ class Layout:
         num_frames: frames per video; a shorter video raises, or is skipped when `skip_short_videos`.
         skip_short_videos: skip (and count) short videos instead of raising.
         train: training draws a random caption / order; evaluation is deterministic (caption 0, image first).
+        template: the chat template (`chat.ChatTemplate`), needed by the `chat` layout only.
     """
 
     def __init__(self, kind: str, text_first_p: float = 0.5, image_first_p: float = 0.5, num_frames: int = 8,
-                 skip_short_videos: bool = False, train: bool = True):
+                 skip_short_videos: bool = False, train: bool = True, template: Any = None):
         if kind not in LAYOUTS:
             raise ValueError(f"layout {kind!r} is not one of {LAYOUTS}")
+        if kind == "chat" and template is None:
+            raise ValueError("the chat layout needs a chat template (the model's `template`, linked by the CLI)")
         self.kind, self.text_first_p, self.image_first_p = kind, text_first_p, image_first_p
         self.num_frames, self.skip_short_videos, self.train = num_frames, skip_short_videos, train
+        self.template = template
 
     @staticmethod
     def infer(sample: dict) -> str:
+        if "conversations" in sample:
+            return "chat"
+        if "instruction" in sample and "image" in sample:
+            return "gen"
         if "frames" in sample:
             return "video"
         if "images" in sample:
@@ -76,8 +103,9 @@ class Layout:
             return "text"
         raise ValueError(f"sample {sample.get('id')!r}: keys {sorted(sample)} match no layout in {LAYOUTS}")
 
-    def __call__(self, s: dict) -> list[tuple[str, Any]]:
-        return getattr(self, f"_{self.kind}")(s)
+    def __call__(self, s: dict) -> Segments:
+        segs = getattr(self, f"_{self.kind}")(s)
+        return segs if isinstance(segs, Segments) else Segments(segs)
 
     def _pick(self, options: list[str], what: str, s: dict) -> str:
         if not options:
@@ -132,6 +160,25 @@ class Layout:
     def _text(self, s: dict) -> list:
         return [("text", s["text"])]
 
+    def _chat(self, s: dict) -> Segments:
+        # Text loss on the answers only (Emu2-Chat has no image loss, spec §2).
+        turns = conversation_turns(s)
+        answers = ["".join(v for _, v in content) for role, content in turns if role == "assistant"]
+        return Segments(self.template.segments(turns), regress="none", targets=answers)
+
+    def _gen(self, s: dict) -> Segments:
+        # Emu2-Gen: instruction (grounding tokens, reference images at its `<image>` placeholders) → the image;
+        # only that last image is regressed (spec §2). A caption pair is a plain text-to-image instruction.
+        instruction = s["instruction"] if "instruction" in s else self._pick(s["captions"], "captions", s)
+        refs, parts = list(s.get("references", [])), instruction.split(IMAGE)
+        if len(parts) - 1 != len(refs):
+            raise ValueError(f"sample {s.get('id')!r}: {len(parts) - 1} {IMAGE} placeholders in the instruction for "
+                             f"{len(refs)} reference images")
+        segs: list = []
+        for i, text in enumerate(parts):
+            segs += ([("text", text)] if text else []) + ([("image", refs[i])] if i < len(refs) else [])
+        return Segments([*segs, ("image", s["image"])], regress="last")
+
 
 def vqa_text(question: str, answer: str | None = None, zero_shot: bool = False) -> str:
     """Emu2's VQA phrasing (spec §5): ` based on the picture, {q} short answer: {a}`."""
@@ -159,8 +206,17 @@ class SequenceCollator:
                ) -> tuple[list[int], list[int], list[Tensor], bool]:
         """Segments → (ids, labels, images in reading order, truncated), `<s>` first, `</s>` last when `close`."""
         limit = limit or self.max_length
+        close = close and not (segments and segments[-1][0] == "answer")  # a chat answer ends with its own </s>
         ids, labels, images = [self.ids.bos], [IGNORE], []
-        for kind, value in segments:
+        for kind, value in _text_runs(segments):
+            if kind == "run":  # chat text: one tokenization of the rendered string, answers are the targets
+                toks, targets = self._encode_run(value)
+                room = limit - len(ids) - int(close)
+                ids += toks[:room]
+                labels += targets[:room]
+                if len(toks) > room:
+                    return ids, labels, images, True
+                continue
             if kind == "text":
                 toks = self.tok(value, add_special_tokens=False)["input_ids"]
                 room = limit - len(ids) - int(close)
@@ -181,11 +237,27 @@ class SequenceCollator:
             labels.append(self.ids.eos)
         return ids, labels, images, False
 
+    def _encode_run(self, pieces: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """`[("prompt"|"answer", text)]` → ids of the joined text and labels: the id where a token's characters
+        overlap an answer, else -100 (a token straddling prompt and answer is a target; `check_answer_mask`
+        rejects it unless the prompt side is whitespace)."""
+        text, spans = "", []
+        for kind, piece in pieces:
+            if kind == "answer":
+                spans.append((len(text), len(text) + len(piece)))
+            text += piece
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        labels = [i if any(a < e and s < b for s, e in spans) else IGNORE
+                  for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
+        return enc["input_ids"], labels
+
     def __call__(self, docs: list[dict]) -> dict[str, Any]:
         """`docs`: `{"id", "source", "segments", "regress": "all" | "last" | "none" (default "all")}` each."""
         seqs, labels, images, regress, truncated = [], [], [], [], 0
         for d in docs:
             x, y, ims, cut = self.encode(d["segments"])
+            if d.get("targets") is not None:   # chat: the mask must be exactly the answers (chat.py)
+                check_answer_mask(self.tok, x, y, d["targets"], cut, d.get("id"))
             seqs.append(x)
             labels.append(y)
             images += ims
@@ -207,6 +279,20 @@ class SequenceCollator:
             "num_truncated": torch.tensor(truncated),
             "num_skipped": torch.tensor(sum(d.get("skipped", 0) for d in docs)),
         }
+
+
+def _text_runs(segments: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Consecutive chat text segments (`prompt`, `answer`) merged into one `("run", [(kind, text), ...])`."""
+    out: list[tuple[str, Any]] = []
+    for kind, value in segments:
+        if kind in ("prompt", "answer"):
+            if out and out[-1][0] == "run":
+                out[-1][1].append((kind, value))
+            else:
+                out.append(("run", [(kind, value)]))
+        else:
+            out.append((kind, value))
+    return out
 
 
 def pad(seqs: list[list[int]], value: int, left: bool = False) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,185 @@
+"""Instruction-tuning benchmark (issue 6): chat answer accuracy vs the base stage-2 model, and Gen box placement.
+
+    # chat: tune from the stage-2 benchmark run, then score both on held-out conversations
+    python main.py fit --config recipes/debug/chat.yaml --config benchmarks/out/chat_bench.overlay.yaml
+    python benchmarks/instruct_learning.py chat --base benchmarks/out/runs/stage2_meanpool/version_0 \
+        --tuned benchmarks/out/runs/chat_bench/version_0
+    # gen: tune, then generate from grounded instructions through the decoder and locate the shapes
+    python main.py fit --config recipes/debug/gen.yaml --config benchmarks/out/gen_bench.overlay.yaml
+    python benchmarks/instruct_learning.py gen --base benchmarks/out/runs/stage2_meanpool/version_0 \
+        --tuned benchmarks/out/runs/gen_bench/version_0 --decoder benchmarks/out/runs/decoder_grid_v/version_0
+
+Chat: `SyntheticChat` test conversations (scenes disjoint from training) and held-out ones (color-shape pairs never
+trained), kinds vqa / count / compare / video; the last question is asked and the answer scored with VQA accuracy
+against 10 annotators. The base model is asked two ways: in the chat template (as the tuned one) and with Emu2's
+zero-shot VQA prompt (`{images} based on the picture, answer in one word or phrase. {q} short answer:`, its
+best shot at a question; only the last question, no earlier turns).
+
+Gen: `SyntheticGen` test items with every object grounded (`<p>a large red circle</p><coor>…</coor>`, no position
+words): the model regresses the image's embeddings, the decoder samples it, and the frozen scene classifier reads
+each grid cell. An object counts as placed when the classifier sees its color (and, separately, its shape) in
+the cell of its requested box. Rows: the tuned model with boxes; the same phrases without boxes (placement must
+then fall to what the phrases alone give); the base stage-2 model with boxes (never saw a `<loc>` token); the
+base model on a caption with position words; the decoder's reconstruction of the true image (the ceiling); and
+chance (the classifier's reading of the true image scored against another item's boxes).
+Writes benchmarks/out/instruct_<mode>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from stage1_learning import OUT, machine
+
+CLASSIFIER = OUT / "scene_classifier_32px.safetensors"
+
+
+def _prepare(system, s: dict) -> dict:
+    from emu_lightning.data.datamodule import image_transform
+
+    t = image_transform(system.encoder.img_size)
+    out = dict(s)
+    out["images"] = [t(im) for im in s.get("images", [])]
+    if "video" in s:
+        frames = s["video"]
+        keep = torch.linspace(0, len(frames) - 1, 4).round().long().tolist()   # the recipe's num_frames: 4
+        out["video"] = [t(frames[i]) for i in keep]
+    return out
+
+
+def _vqa_prompt(s: dict) -> list:
+    from emu_lightning.data.sequence import vqa_text
+
+    question = [t["value"] for t in s["conversations"] if t["from"] == "human"][-1]
+    question = question.replace("<image>", "").replace("<video>", "").strip()
+    visual = [("video", s["video"])] if "video" in s else [("image", x) for x in s["images"]]
+    return [*visual, ("text", vqa_text(question, zero_shot=True))]
+
+
+@torch.no_grad()
+def chat(a: argparse.Namespace) -> dict:
+    from emu_lightning.data.chat import PRESETS
+    from emu_lightning.data.fewshot import first_answer
+    from emu_lightning.data.synthetic_instruct import SyntheticChat
+    from emu_lightning.metrics.vqa import VQAAccuracy
+    from emu_lightning.pipelines import load_system
+    from emu_lightning.systems.instruct import chat_prompt
+
+    base, tuned = load_system(a.base).eval(), load_system(a.tuned).eval()
+    res: dict = {"base": a.base, "tuned": a.tuned, "n": a.n, "machine": machine()}
+    for split in ("test", "heldout"):
+        data = SyntheticChat(split, size=a.n, image_size=64, kinds=["vqa", "count", "compare", "video"])
+        samples = [_prepare(tuned, data[i]) for i in range(a.n)]
+        arms = {"tuned (chat template)": (tuned, [chat_prompt(s, tuned.template) for s in samples]),
+                "base (chat template)": (base, [chat_prompt(s, PRESETS["plain"]) for s in samples]),
+                "base (zero-shot VQA prompt)": (base, [_vqa_prompt(s) for s in samples])}
+        for arm, (system, prompts) in arms.items():
+            t0 = time.time()
+            preds = []
+            for i in range(0, a.n, 32):
+                preds += system.generate_text(prompts[i:i + 32], 6, 1)
+            per_task = defaultdict(lambda: VQAAccuracy())
+            overall = VQAAccuracy()
+            for s, p in zip(samples, preds):
+                overall.update([first_answer(p)], [s["answers"]])
+                per_task[s["task"]].update([first_answer(p)], [s["answers"]])
+            res[f"{split}/{arm}"] = {"all": float(overall.compute()), "sec": round(time.time() - t0, 1),
+                                     **{k: float(m.compute()) for k, m in sorted(per_task.items())},
+                                     "examples": [(s["conversations"][-2]["value"], p, s["answers"][0])
+                                                  for s, p in list(zip(samples, preds))[:6]]}
+            print(f"{split:8s} {arm:30s} " + " ".join(f"{k} {v:.3f}" for k, v in res[f"{split}/{arm}"].items()
+                                                       if isinstance(v, float)), flush=True)
+    return res
+
+
+def _cell(box: tuple[float, float, float, float]) -> int:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return min(2, int(cy * 3)) * 3 + min(2, int(cx * 3))
+
+
+def placement(pred_shape: torch.Tensor, pred_color: torch.Tensor, items: list[dict]) -> dict[str, float]:
+    """Fraction of requested objects whose color / shape / both the classifier reads in the requested box's cell."""
+    from emu_lightning.data.synthetic import COLORS, SHAPES
+
+    hits = defaultdict(list)
+    for b, it in enumerate(items):
+        for o, (_, box) in zip(it["scene"].objects, it["boxes"]):
+            c = _cell(box)
+            color_ok = int(pred_color[b, c]) == list(COLORS).index(o.color)
+            shape_ok = int(pred_shape[b, c]) == SHAPES.index(o.shape)
+            hits["color"].append(color_ok)
+            hits["shape"].append(shape_ok)
+            hits["both"].append(color_ok and shape_ok)
+    return {k: sum(v) / len(v) for k, v in hits.items()}
+
+
+@torch.no_grad()
+def gen(a: argparse.Namespace) -> dict:
+    from emu_lightning.data.grounding import strip_grounding
+    from emu_lightning.data.synthetic import describe_scene
+    from emu_lightning.data.synthetic_instruct import SyntheticGen
+    from emu_lightning.metrics.semantic import load_scene_classifier, predict_cells
+    from emu_lightning.pipelines import EmuImagePipeline, load_system
+
+    base, tuned = load_system(a.base).eval(), load_system(a.tuned).eval()
+    decoder = load_system(a.decoder).eval()
+    classifier = load_scene_classifier(CLASSIFIER).eval()
+    res: dict = {"base": a.base, "tuned": a.tuned, "decoder": a.decoder, "n": a.n, "guidance": a.guidance,
+                 "machine": machine()}
+    for split in ("test", "heldout"):
+        data = SyntheticGen(split, size=a.n, image_size=64, grounded_p=1.0, subject_p=0.0)
+        items = [data[i] for i in range(a.n)]
+        arms = {"tuned, grounded (boxes, no position words)": (tuned, [it["instruction"] for it in items]),
+                "tuned, phrases only (boxes stripped)": (tuned, [strip_grounding(it["instruction"]) for it in items]),
+                "base, grounded": (base, [it["instruction"] for it in items]),
+                "base, caption with position words": (base, [describe_scene(it["scene"]) for it in items])}
+        for arm, (system, prompts) in arms.items():
+            pipe = EmuImagePipeline(decoder, system)
+            t0 = time.time()
+            images = torch.cat([pipe.text_to_image(prompts[i:i + 64], guidance=a.guidance, seed=i)
+                                for i in range(0, a.n, 64)])
+            shape, color = predict_cells(classifier, images)
+            res[f"{split}/{arm}"] = {**placement(shape, color, items), "sec": round(time.time() - t0, 1)}
+            print(f"{split:8s} {arm:45s} {res[f'{split}/{arm}']}", flush=True)
+        pipe = EmuImagePipeline(decoder, None)
+        recon = torch.cat([pipe.reconstruct([it["image"] for it in items[i:i + 64]], guidance=a.guidance, seed=i)
+                           for i in range(0, a.n, 64)])
+        shape, color = predict_cells(classifier, recon)
+        res[f"{split}/decoder reconstruction of the true image"] = placement(shape, color, items)
+        from emu_lightning.metrics.semantic import resize
+
+        real = torch.stack([torch.from_numpy(__import__("numpy").asarray(it["image"])).permute(2, 0, 1)
+                            for it in items]).float() / 255
+        shape, color = predict_cells(classifier, resize(real, classifier.image_size))
+        res[f"{split}/true image"] = placement(shape, color, items)
+        res[f"{split}/chance (true image vs another item's boxes)"] = placement(shape, color, items[1:] + items[:1])
+        for k in (f"{split}/decoder reconstruction of the true image", f"{split}/true image",
+                  f"{split}/chance (true image vs another item's boxes)"):
+            print(f"{k:54s} {res[k]}", flush=True)
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=["chat", "gen"])
+    p.add_argument("--base", required=True, help="stage-2 run directory")
+    p.add_argument("--tuned", required=True, help="chat- or gen-tuned run directory")
+    p.add_argument("--decoder", help="gen: decoder run directory")
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--guidance", type=float, default=1.5)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    res = chat(a) if a.mode == "chat" else gen(a)
+    out = OUT / f"instruct_{a.mode}.json"
+    out.write_text(json.dumps(res, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

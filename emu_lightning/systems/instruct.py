@@ -1,0 +1,112 @@
+"""Instruction tuning (EMU_SPEC §2-3): Emu-I / Emu2-Chat (`ChatSystem`) and Emu2-Gen (`GenSystem`).
+
+Both are stage-2 models tuned further from a stage-2 checkpoint (`init_from`, the regression head included),
+with the same forward pass; what differs is the data and which loss counts:
+
+- chat: conversations in the chat template (`data/chat.py`, the one place the format lives), cross-entropy on
+  the answers and their `</s>` only, no image loss (spec §2: Emu2-Chat uses the text loss only). Evaluation
+  asks each held-out conversation's last question with the template's generation prompt and scores the
+  answer with VQA accuracy (`<set>/answer_acc`);
+- gen: instruction → image, with grounding tokens (`<p>phrase</p><coor><loc…>×4</coor>`) and reference images,
+  ℓ2 regression of the last image only, no text loss (spec §2). Evaluation regresses the image from the
+  instruction alone (KV-cached loop) and compares it with the encoder's embeddings (`<set>/gen_cos`, `gen_mse`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from emu_lightning.data.chat import ChatTemplate, chat_template, conversation_turns
+from emu_lightning.data.fewshot import first_answer
+from emu_lightning.metrics.embedding import EmbeddingSimilarity
+from emu_lightning.metrics.vqa import VQAAccuracy
+from emu_lightning.systems.stage2 import Stage2System
+
+_FROM_STAGE2 = {"encoder": "encoder", "adapter": "adapter", "llm": "llm", "regression_head": "regression_head"}
+
+
+def chat_prompt(sample: dict, template: ChatTemplate) -> list[tuple[str, Any]]:
+    """A conversation without its last answer → the prompt segments that ask for it."""
+    turns = conversation_turns(sample)
+    if turns[-1][0] == "assistant":
+        turns = turns[:-1]
+    return template.segments(turns, prompt=True)
+
+
+def gen_prompt(segments: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """A gen document's segments without the image it asks for (its last segment)."""
+    if not segments or segments[-1][0] != "image":
+        raise ValueError("a gen document must end with the image it describes")
+    return list(segments[:-1])
+
+
+class ChatSystem(Stage2System):
+    """Chat tuning. Arguments of `Stage2System`, plus:
+
+    Args:
+        template: the chat template: a preset (`emu1`, `emu2_chat`, `plain`) or a dict of `ChatTemplate` fields.
+            The CLI copies it into the datamodule, which renders the training conversations with it.
+        text_weight, regression_weight: 1 and 0: answer-only cross-entropy (Emu2-Chat, spec §2).
+    """
+
+    def __init__(self, *args: Any, template: str | dict = "emu2_chat", text_weight: float = 1.0,
+                 regression_weight: float = 0.0, handoff: dict[str, str] | None = None, **kwargs: Any):
+        super().__init__(*args, text_weight=text_weight, regression_weight=regression_weight,
+                         handoff=handoff or dict(_FROM_STAGE2), **kwargs)
+        self.template = chat_template(template)
+
+    @torch.no_grad()
+    def answer(self, samples: list[dict], max_new_tokens: int | None = None, num_beams: int | None = None) -> list[str]:
+        """Each conversation's next answer (prepared samples: images as normalised tensors)."""
+        prompts = [chat_prompt(s, self.template) for s in samples]
+        return self.generate_text(prompts, max_new_tokens or self.answer_max_new_tokens, num_beams or self.num_beams)
+
+    def _eval_step(self, batch: dict, name: str) -> None:
+        if batch["layout"] != "chat":
+            return super()._eval_step(batch, name)
+        samples = batch["samples"]
+        losses, _ = self.losses(batch)
+        self.log_losses({k: v for k, v in losses.items() if k != "loss"}, name, len(samples))
+        preds = self.answer(samples)
+        self._eval_metric(f"{name}|answer_acc", VQAAccuracy).update(
+            [first_answer(p) for p in preds], [s["answers"] for s in samples])
+        kept = self.eval_samples.setdefault(name, [])
+        for s, p in zip(samples, preds):
+            if len(kept) < 8:
+                image = s["images"][0] if s.get("images") else s["video"][0]
+                kept.append((image, p, s["answers"][0]))
+
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        """`main.py predict`: each test conversation's next answer, written by `CaptionWriter` as JSON lines."""
+        samples = batch["samples"]
+        rows = []
+        for s, p in zip(samples, self.answer(samples)):
+            asked = [t["value"] for t in s["conversations"] if t["from"] in ("human", "user")][-1]
+            rows.append({"id": s["id"], "question": asked, "answer": first_answer(p), "generated": p,
+                         "references": s.get("answers", [])})
+        return rows
+
+
+class GenSystem(Stage2System):
+    """Generation tuning. Arguments of `Stage2System`, with text_weight 0 and regression_weight 1 (Emu2-Gen: the
+    image loss only, on the last image; spec §2)."""
+
+    def __init__(self, *args: Any, text_weight: float = 0.0, regression_weight: float = 1.0,
+                 handoff: dict[str, str] | None = None, **kwargs: Any):
+        super().__init__(*args, text_weight=text_weight, regression_weight=regression_weight,
+                         handoff=handoff or dict(_FROM_STAGE2), **kwargs)
+
+    def _eval_step(self, batch: dict, name: str) -> None:
+        if batch["layout"] != "gen":
+            return super()._eval_step(batch, name)
+        samples = batch["samples"]
+        losses, _ = self.losses(batch)
+        self.log_losses({k: v for k, v in losses.items() if k != "loss"}, name, len(samples))
+        layout = self.trainer.datamodule.layout("gen", train=False)
+        generated = self.generate_image_embeddings([gen_prompt(layout(s)) for s in samples])   # (B,N,D_tgt)
+        with torch.no_grad():
+            feats = self.encoder(torch.stack([s["image"] for s in samples]).to(self.device))
+            target = self.visual_targets(feats, self.adapter(feats))
+        self._eval_metric(f"{name}|gen", EmbeddingSimilarity).update(generated, target)
