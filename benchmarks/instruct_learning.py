@@ -1,11 +1,11 @@
 """Instruction-tuning benchmark (issue 6): chat answer accuracy vs the base stage-2 model, and Gen box placement.
 
     # chat: tune from the stage-2 benchmark run, then score both on held-out conversations
-    python main.py fit --config recipes/debug/chat.yaml --config benchmarks/out/chat_bench.overlay.yaml
+    python main.py fit --config recipes/debug/chat.yaml --config benchmarks/configs/chat_bench.overlay.yaml
     python benchmarks/instruct_learning.py chat --base benchmarks/out/runs/stage2_meanpool/version_0 \
         --tuned benchmarks/out/runs/chat_bench/version_0
     # gen: tune, then generate from grounded instructions through the decoder and locate the shapes
-    python main.py fit --config recipes/debug/gen.yaml --config benchmarks/out/gen_bench.overlay.yaml
+    python main.py fit --config recipes/debug/gen.yaml --config benchmarks/configs/gen_bench.overlay.yaml
     python benchmarks/instruct_learning.py gen --base benchmarks/out/runs/stage2_meanpool/version_0 \
         --tuned benchmarks/out/runs/gen_bench/version_0 --decoder benchmarks/out/runs/decoder_grid_v/version_0
 

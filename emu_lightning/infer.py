@@ -12,7 +12,8 @@ names its config.yaml when it does not sit in `<run>/checkpoints/`), or a folder
 line per answer, and PNG files for images. Prompts follow EMU_SPEC §5: a chat-tuned model (`ChatSystem`) is
 asked in its own template; a stage-2 model gets the Emu2 zero-shot VQA prompt; a stage-1 model only captions.
 `chat` is a REPL when standard input is a terminal and no `--message` is given (an empty line or EOF ends it);
-otherwise each `--message` (or each line of standard input) is one user turn, the images go into the first.
+otherwise each `--message` (or each non-blank line of standard input) is one user turn, the images go into
+the first.
 In `generate`, each `<image>` in the prompt is replaced by the next `--image` (in-context / subject-driven).
 """
 from __future__ import annotations
@@ -205,6 +206,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         elif args.command == "chat":
             rows = _chat(system, images, args)
         else:
+            from emu_lightning.systems.stage2 import Stage2System
+
+            if not isinstance(system, Stage2System):
+                raise ValueError(f"{type(system).__name__} is a captioner: generate needs a stage-2, gen- or chat-tuned "
+                                 f"model (one with a regression head)")
             parts = args.prompt.split(IMAGE)
             if len(parts) - 1 != len(images):
                 raise ValueError(f"--prompt has {len(parts) - 1} {IMAGE} placeholders but {len(images)} --image given")
@@ -233,7 +239,11 @@ def _chat(system: Any, images: list[Image.Image], args: argparse.Namespace) -> l
                 message = input("you> ") if interactive else sys.stdin.readline()
             except EOFError:
                 message = None
-            message = None if message is None or (not interactive and message == "") else message.strip()
+            if message is None or (not interactive and message == ""):    # EOF
+                break
+            message = message.strip()
+            if not message and not interactive:                            # a blank piped line: no turn
+                continue
         if not message:
             break
         reply = convo.say(message)

@@ -13,9 +13,11 @@ Images go in as PIL images (resized to the encoder's side here) or CLIP-normalis
 from __future__ import annotations
 
 import pickle
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import yaml
@@ -188,7 +190,8 @@ def load_system(run_dir_or_config: str | Path, ckpt: str | Path | None = None,
     if tokenizer is not None:
         model.setdefault("init_args", {})["tokenizer"] = tokenizer
     args = {"model": model, "trainer": {**_INERT_TRAINER, "callbacks": []}, "seed_everything": False}
-    system = cli_main(args, run=False).model
+    with mock.patch.object(sys, "argv", sys.argv[:1]):   # the CLI parses `args` only, never the caller's argv
+        system = cli_main(args, run=False).model
     try:
         obj = torch.load(ckpt, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as err:
