@@ -50,7 +50,7 @@ __all__ = [
     "NUM_FRAMES",
     "Obj", "Scene", "SyntheticCaptions", "SyntheticDocuments", "SyntheticVQA", "SyntheticVideos",
     "attribute_accuracy", "caption_corpus", "describe_object", "describe_scene", "in_split", "object_hits",
-    "parse_caption",
+    "parse_caption", "place",
     "render", "render_placed", "sample_scene", "scene_bucket",
 ]  # fmt: skip
 
@@ -148,14 +148,9 @@ def render_placed(
     return Image.fromarray(arr, "RGB")
 
 
-def render(scene: Scene, image_size: int = 64, seed: int = 0) -> Image.Image:
-    """Render ``scene`` with a small deterministic jitter of each object inside its cell.
-
-    Args:
-        scene: the scene to draw.
-        image_size: output side in pixels.
-        seed: seed of placement jitter and noise; same seed, same bytes.
-    """
+def place(scene: Scene, seed: int = 0) -> tuple[list[tuple[str, str, str, float, float]], int]:
+    """Where ``render`` draws each object: ``(shape, color, size, cx, cy)`` with a small deterministic jitter
+    inside its cell, and the seed of the background noise (``render_placed(placed, bg, size, noise_seed)``)."""
     rng = random.Random(f"emu-synth/render/{seed}")
     placed = []
     for o in scene.objects:
@@ -164,7 +159,19 @@ def render(scene: Scene, image_size: int = 64, seed: int = 0) -> Image.Image:
         cx = (col + 0.5) / 3 + rng.uniform(-slack, slack)
         cy = (row + 0.5) / 3 + rng.uniform(-slack, slack)
         placed.append((o.shape, o.color, o.size, cx, cy))
-    return render_placed(placed, scene.background, image_size, rng.getrandbits(32))
+    return placed, rng.getrandbits(32)
+
+
+def render(scene: Scene, image_size: int = 64, seed: int = 0) -> Image.Image:
+    """Render ``scene`` with a small deterministic jitter of each object inside its cell (see `place`).
+
+    Args:
+        scene: the scene to draw.
+        image_size: output side in pixels.
+        seed: seed of placement jitter and noise; same seed, same bytes.
+    """
+    placed, noise_seed = place(scene, seed)
+    return render_placed(placed, scene.background, image_size, noise_seed)
 
 
 def _check_split(split: str) -> None:

@@ -23,12 +23,12 @@ from emu_lightning.data.grounding import box_tokens, grounded
 from emu_lightning.data.synthetic import (
     COLORS,
     HELDOUT_PAIRS,
-    POSITIONS,
     SHAPES,
     SIZES,
     Scene,
     SyntheticVideos,
     _SyntheticDataset,
+    place,
     render_placed,
     sample_scene,
 )
@@ -56,20 +56,6 @@ _EXTENT: dict[str, tuple[float, float, float, float]] = {
     "circle": (1, 1, 1, 1), "square": (0.88, 0.88, 0.88, 0.88), "triangle": (1, 1, 1, 0.8),
     "diamond": (0.7, 1, 0.7, 1), "star": _star_extent(), "cross": (1, 1, 1, 1),
 }  # fmt: skip
-
-
-def place(scene: Scene, seed: int = 0) -> tuple[list[tuple[str, str, str, float, float]], int]:
-    """``render``'s placement: ``(placed, noise_seed)`` with ``render_placed(placed, bg, size, noise_seed)
-    == render(scene, size, seed)`` byte for byte (a test pins this; ``render`` itself is unchanged)."""
-    rng = random.Random(f"emu-synth/render/{seed}")
-    placed = []
-    for o in scene.objects:
-        row, col = divmod(POSITIONS.index(o.position), 3)
-        slack = max(0.0, (1 / 3 - SIZES[o.size]) / 2) * 0.8  # keep the object inside its cell
-        cx = (col + 0.5) / 3 + rng.uniform(-slack, slack)
-        cy = (row + 0.5) / 3 + rng.uniform(-slack, slack)
-        placed.append((o.shape, o.color, o.size, cx, cy))
-    return placed, rng.getrandbits(32)
 
 
 def object_box(shape: str, size: str, cx: float, cy: float) -> tuple[float, float, float, float]:

@@ -66,8 +66,7 @@ class ChatSystem(Stage2System):
         if batch["layout"] != "chat":
             return super()._eval_step(batch, name)
         samples = batch["samples"]
-        losses, _ = self.losses(batch)
-        self.log_losses({k: v for k, v in losses.items() if k != "loss"}, name, len(samples))
+        self._eval_losses(batch, name)
         preds = self.answer(samples)
         self._eval_metric(f"{name}|answer_acc", VQAAccuracy).update(
             [first_answer(p) for p in preds], [s["answers"] for s in samples])
@@ -76,7 +75,6 @@ class ChatSystem(Stage2System):
             if len(kept) < 8:
                 image = s["images"][0] if s.get("images") else s["video"][0]
                 kept.append((image, p, s["answers"][0]))
-
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         """`main.py predict`: each test conversation's next answer, written by `CaptionWriter` as JSON lines."""
@@ -102,8 +100,7 @@ class GenSystem(Stage2System):
         if batch["layout"] != "gen":
             return super()._eval_step(batch, name)
         samples = batch["samples"]
-        losses, _ = self.losses(batch)
-        self.log_losses({k: v for k, v in losses.items() if k != "loss"}, name, len(samples))
+        self._eval_losses(batch, name)
         layout = self.trainer.datamodule.layout("gen", train=False)
         generated = self.generate_image_embeddings([gen_prompt(layout(s)) for s in samples])   # (B,N,D_tgt)
         with torch.no_grad():

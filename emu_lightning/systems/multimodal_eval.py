@@ -55,10 +55,14 @@ class MultimodalEval:
         idx = rices_demos(query_feats, cache[name], k)
         return [[pool[i] for i in row.tolist()] for row in idx]
 
-    def _eval_step(self, batch: dict, name: str) -> None:
-        samples, B = batch["samples"], len(batch["samples"])
+    def _eval_losses(self, batch: dict, name: str) -> None:
+        """The teacher-forced loss terms of an evaluation batch, logged under the set's name."""
         losses, _ = self.losses(batch)
-        self.log_losses({k: v for k, v in losses.items() if k != "loss"}, name, B)
+        self.log_losses({k: v for k, v in losses.items() if k != "loss"}, name, len(batch["samples"]))
+
+    def _eval_step(self, batch: dict, name: str) -> None:
+        samples = batch["samples"]
+        self._eval_losses(batch, name)
         task = task_of(batch["layout"], samples[0])
         if task is not None:
             metric_name, cls = _METRIC[task]
