@@ -152,6 +152,17 @@ def gen(a: argparse.Namespace) -> dict:
             shape, color = predict_cells(classifier, images)
             res[f"{split}/{arm}"] = {**placement(shape, color, items), "sec": round(time.time() - t0, 1)}
             print(f"{split:8s} {arm:45s} {res[f'{split}/{arm}']}", flush=True)
+        # Diagnostic: the tuned model's regression with the true image's tokens as its previous inputs (teacher
+        # forcing), decoded the same way: what free generation loses to its own fed-back errors.
+        tf = [_teacher_forced(tuned, items[i:i + 32]) for i in range(0, a.n, 32)]
+        cond = torch.cat(tf)
+        null = tuned.generate_image_embeddings([[("text", "")]])
+        images = torch.cat([decoder.decode(cond[i:i + 64], a.guidance, None, None, torch.Generator().manual_seed(i),
+                                           null) for i in range(0, a.n, 64)])
+        shape, color = predict_cells(classifier, images)
+        res[f"{split}/tuned, grounded, teacher-forced (diagnostic)"] = placement(shape, color, items)
+        print(f"{split:8s} {'tuned, grounded, teacher-forced':45s} {res[f'{split}/tuned, grounded, teacher-forced (diagnostic)']}",
+              flush=True)
         pipe = EmuImagePipeline(decoder, None)
         recon = torch.cat([pipe.reconstruct([it["image"] for it in items[i:i + 64]], guidance=a.guidance, seed=i)
                            for i in range(0, a.n, 64)])
@@ -168,6 +179,22 @@ def gen(a: argparse.Namespace) -> dict:
                   f"{split}/chance (true image vs another item's boxes)"):
             print(f"{k:54s} {res[k]}", flush=True)
     return res
+
+
+@torch.no_grad()
+def _teacher_forced(system, items: list[dict]) -> torch.Tensor:
+    """(B,N,D) regression-head outputs for each item's image with the true image tokens as the previous inputs."""
+    from emu_lightning.data.datamodule import image_transform
+    from emu_lightning.data.sequence import Layout, SequenceCollator
+
+    t = image_transform(system.encoder.img_size)
+    layout, collate = Layout("gen", train=False), SequenceCollator(system.tokenizer, system.num_image_tokens, 512)
+    docs = []
+    for it in items:
+        segs = layout({**it, "image": t(it["image"]), "references": [t(r) for r in it.get("references", [])]})
+        docs.append({"id": it["id"], "source": "gen", "segments": segs, "regress": segs.regress})
+    _, (_, _, _, pred, _) = system._forward(collate(docs))
+    return pred.view(len(items), system.num_image_tokens, -1)
 
 
 def main() -> None:

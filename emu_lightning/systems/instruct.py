@@ -89,12 +89,29 @@ class ChatSystem(Stage2System):
 
 class GenSystem(Stage2System):
     """Generation tuning. Arguments of `Stage2System`, with text_weight 0 and regression_weight 1 (Emu2-Gen: the
-    image loss only, on the last image; spec §2)."""
+    image loss only, on the last image; spec §2), plus:
+
+    Args:
+        self_feedback: probability that a regressed `<image>` input row is replaced, in training, by the model's
+            own one-step prediction (through `feedback`, as generation feeds it back) from a first, gradient-free
+            teacher-forced pass: scheduled sampling against the exposure bias of generating N embeddings one by
+            one. 0 = the papers' pure teacher forcing. Costs one extra forward pass per step.
+    """
 
     def __init__(self, *args: Any, text_weight: float = 0.0, regression_weight: float = 1.0,
-                 handoff: dict[str, str] | None = None, **kwargs: Any):
+                 handoff: dict[str, str] | None = None, self_feedback: float = 0.0, **kwargs: Any):
         super().__init__(*args, text_weight=text_weight, regression_weight=regression_weight,
                          handoff=handoff or dict(_FROM_STAGE2), **kwargs)
+        if not 0.0 <= self_feedback <= 1.0:
+            raise ValueError(f"self_feedback={self_feedback}; expected a probability in [0, 1]")
+        self.self_feedback = self_feedback
+
+    def _forward(self, batch: dict, own: tuple | None = None) -> tuple[dict, tuple]:
+        if own is None and self.training and self.self_feedback > 0:
+            with torch.no_grad():
+                pred = super()._forward(batch)[1][3]                                    # (P,D_tgt) one-step
+            own = (pred, torch.rand(len(pred), device=pred.device) < self.self_feedback)
+        return super()._forward(batch, own)
 
     def _eval_step(self, batch: dict, name: str) -> None:
         if batch["layout"] != "gen":

@@ -91,17 +91,21 @@ class Stage2System(MultimodalEval, EmuSystem):
         out, (ce, is_text, pos, pred, target) = self._forward(batch)
         return out, self.per_source(batch, ce, is_text, pos, pred, target)
 
-    def _forward(self, batch: dict) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
+    def _forward(self, batch: dict, own: tuple[Tensor, Tensor] | None = None
+                 ) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
+        """Losses and their pieces. `own` = (P,D_tgt) predictions and a (P,) mask: the input rows of the regressed
+        `<image>` positions the mask selects read `feedback(prediction)` instead of the true embedding."""
         ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
         with torch.no_grad():                                          # frozen encoder (policy-checked)
             feats = self.encoder(pixels) if len(pixels) else None     # (n,L,D_enc)
         D = self.llm.hidden_dim
         visual = self.adapter(feats) if feats is not None else pixels.new_zeros(0, self.num_image_tokens, D)
         embeds = self.embed_multimodal(ids, visual)                    # (B,T,D_llm)
-        hidden, _ = self.llm(embeds, mask)                             # (B,T,D_llm) after the final norm
+        pos, target = self.regression_pairs(ids, embeds, feats, visual, batch["regress_images"])
+        inputs = embeds if own is None else self._feed_own(embeds, pos, *own)
+        hidden, _ = self.llm(inputs, mask)                             # (B,T,D_llm) after the final norm
         ce = token_ce(self.llm.logits(hidden), batch["labels"])        # (B,T-1)
         is_text = batch["labels"][:, 1:] != -100                       # (B,T-1) positions with a CE target
-        pos, target = self.regression_pairs(ids, embeds, feats, visual, batch["regress_images"])
         pred = self.regression_head(hidden[:, :-1][pos])               # (P,D_tgt)
         reg = regression_loss(pred, target)
         text = ce[is_text].mean() if is_text.any() else ce.sum() * 0.0
@@ -109,6 +113,15 @@ class Stage2System(MultimodalEval, EmuSystem):
         if self.target_space == "adapter" and len(target) > 1:
             out["target_var"] = target.detach().float().var(0).mean()  # Emu1 targets train: watch for collapse
         return out, (ce, is_text, pos, pred, target)
+
+    def _feed_own(self, embeds: Tensor, pos: Tensor, pred: Tensor, chosen: Tensor) -> Tensor:
+        """`embeds` with the row after each chosen predicting position replaced by `feedback(pred)` (what free
+        generation feeds back there), so training sees its own errors in the inputs (see `GenSystem`)."""
+        where = pos.nonzero()                                          # (P,2): (row, t) predicts (row, t+1)
+        rows, cols = where[chosen, 0], where[chosen, 1] + 1
+        out = embeds.clone()
+        out[rows, cols] = self.feedback(pred[chosen]).to(embeds.dtype)
+        return out
 
     @staticmethod
     def per_source(batch: dict, ce: Tensor, is_text: Tensor, pos: Tensor, pred: Tensor,
