@@ -206,10 +206,11 @@ def main() -> None:
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--guidance", type=float, default=1.5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tag", default="", help="suffix of the output file: instruct_<mode><tag>.json")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     res = chat(a) if a.mode == "chat" else gen(a)
-    out = OUT / f"instruct_{a.mode}.json"
+    out = OUT / f"instruct_{a.mode}{a.tag}.json"
     out.write_text(json.dumps(res, indent=2))
     print(f"wrote {out}")
 
