@@ -54,7 +54,6 @@ class EmuCLI(LightningCLI):
                              f"{model.template!r}: name the chat template once, on the model")
         data.template = model.template
 
-
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads `ckpt_path`'s hyper-parameters first (weights_only=True): its refusal gets our message.
         try:

@@ -61,8 +61,8 @@ def load_model(path: str | Path, config: str | Path | None = None, tokenizer: st
                                 f"folder)")
     if p.is_dir() and (p / "emu_config.json").is_file():
         return load_exported_system(p, tokenizer)
-    if p.is_dir():
-        return load_system(config or p, None, tokenizer=tokenizer) if config else load_system(p, tokenizer=tokenizer)
+    if p.is_dir():   # a run directory: its last checkpoint, with its own config unless --config names another
+        return load_system(config or p, p / "checkpoints" / "last.ckpt", tokenizer=tokenizer)
     config = Path(config) if config else p.parent.parent / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"no config.yaml for {p}: looked for {config}; pass --config <run>/config.yaml")
@@ -111,7 +111,7 @@ def caption(system: Any, images: list[Image.Image], max_new_tokens: int, num_bea
         prompt = torch.tensor([[system.ids.bos, *image_block(system.ids, system.num_image_tokens)]] * len(pixels))
         return system.caption(torch.stack(pixels), prompt, num_beams)
     if isinstance(system, ChatSystem):
-        docs = [system.template.segments([("user", [("image", x), ("text", CAPTION_INSTRUCTION)])], prompt=True)
+        docs = [_template(system).segments([("user", [("image", x), ("text", CAPTION_INSTRUCTION)])], prompt=True)
                 for x in pixels]
     else:
         docs = [[("image", x)] for x in pixels]
@@ -126,7 +126,7 @@ def answer(system: Any, image: Image.Image, question: str, max_new_tokens: int, 
         raise ValueError(f"{type(system).__name__} is a captioner: vqa needs a stage-2 or chat-tuned model")
     (x,) = _prepare(system, [image])
     if isinstance(system, ChatSystem):
-        doc = system.template.segments([("user", [("image", x), ("text", question)])], prompt=True)
+        doc = _template(system).segments([("user", [("image", x), ("text", question)])], prompt=True)
     else:
         doc = [("image", x), ("text", vqa_text(question, zero_shot=True))]
     return system.generate_text([doc], max_new_tokens, num_beams)[0]

@@ -25,7 +25,7 @@ def conversation(turns: int = 2, images: int = 1, video: bool = False) -> dict:
                  {"from": "gpt", "value": ["red", "a small blue star at the top left.", "3"][t % 3]}]
     sample = {"id": f"c{turns}{images}{video}", "images": [IMG] * images, "conversations": conv}
     if video:
-        sample["video"] = [IMG] * 3
+        sample["video"] = [IMG] * 8
     return sample
 
 
@@ -58,7 +58,7 @@ def test_mask_covers_exactly_each_answer_and_its_eos(tokenizer, name, turns, ima
     roles = set(tokenizer.convert_tokens_to_ids(["[USER]", "[ASSISTANT]"]))
     assert not ({sid.image, sid.img, sid.img_end, sid.video, sid.bos, *roles} & {y for y in labels if y != IGNORE})
     assert batch["regress_images"].sum() == 0
-    assert len(batch["pixel_values"]) == images + (3 if video else 0)
+    assert len(batch["pixel_values"]) == images + (8 if video else 0)   # Layout keeps num_frames (8) frames
 
 
 def test_rendered_string_is_the_spec_template(tokenizer):
@@ -161,3 +161,44 @@ def test_template_spec_errors():
         ChatTemplate(assistant=" [ASSISTANT]: </s>")
     with pytest.raises(ValueError, match="needs a chat template"):
         Layout("chat")
+
+
+def test_conversation_cut_before_its_first_answer_is_accepted_and_a_cut_gen_document_regresses_nothing(tokenizer):
+    sample = conversation(turns=2)
+    full = collate(tokenizer, sample, PRESETS["plain"])
+    first_target = int((full["labels"][0] != IGNORE).nonzero()[0])
+    batch = collate(tokenizer, sample, PRESETS["plain"], max_length=first_target)   # cut before any answer
+    assert int(batch["num_truncated"]) == 1 and (batch["labels"] == IGNORE).all()
+    # A gen document whose target image does not fit: its reference must not take the image loss.
+    segs = Layout("gen", train=False)({"id": "g", "instruction": "a picture of <image> and more words here",
+                                        "references": [IMG], "image": IMG})
+    doc = {"id": "g", "source": "gen", "segments": segs, "regress": segs.regress}
+    cut = SequenceCollator(tokenizer, N, 20)([doc])
+    whole = SequenceCollator(tokenizer, N, 200)([doc])
+    assert int(cut["num_truncated"]) == 1 and len(cut["pixel_values"]) == 1 and not cut["regress_images"].any()
+    assert whole["regress_images"].tolist() == [False, True]
+
+
+def test_chat_video_keeps_num_frames():
+    sample = conversation(turns=1, images=0, video=True)
+    segs = Layout("chat", num_frames=4, template=PRESETS["plain"])(sample)
+    (video,) = [v for k, v in segs if k == "video"]
+    assert len(video) == 4
+
+
+def test_layouts_can_name_evaluation_sets(tokenizer):
+    from emu_lightning.data.multimodal_datamodule import MultimodalDataModule
+    from emu_lightning.data.synthetic import SyntheticCaptions
+    from emu_lightning.data.synthetic_instruct import SyntheticGen
+
+    caps = SyntheticCaptions("val", size=2, image_size=32)
+    dm = MultimodalDataModule(train={"gen": SyntheticGen("train", size=4, image_size=32)}, val={"coco": caps},
+                              test={"plain": caps}, layouts={"coco": "gen"}, demos={}, image_size=32, batch_size=2,
+                              tokenizer=tokenizer, num_image_tokens=N)
+    (val,), (test,) = dm.val_dataloader(), dm.test_dataloader()
+    vb, tb = next(iter(val)), next(iter(test))
+    assert vb["layout"] == "gen" and vb["regress_images"].tolist() == [True, True]     # caption → image
+    assert tb["layout"] == "pair"                                                       # not named: inferred
+    with pytest.raises(ValueError, match=r"layouts names \['nope'\]"):
+        MultimodalDataModule(train={"gen": SyntheticGen("train", size=4, image_size=32)}, val={}, test={}, demos={},
+                             layouts={"nope": "gen"}, tokenizer=tokenizer, num_image_tokens=N)

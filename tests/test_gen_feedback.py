@@ -53,7 +53,16 @@ def test_fed_back_rows_are_the_feedback_of_the_predictions_and_targets_stay_true
     chosen[::2] = True
     _, (_, _, pos2, _, target2) = system._forward(batch, (own_pred, chosen))
     clean, fed = captured["inputs"]
+    ids = batch["input_ids"]
     rows, cols = pos.nonzero()[:, 0], pos.nonzero()[:, 1] + 1
+    image = ids[rows, cols] == system.ids.image
+    # Emu2: every regressed position predicts an <image>; Emu1 also predicts [/IMG], which is never fed back.
+    n = system.num_image_tokens
+    assert int(image.sum()) == 3 * n and len(pos.nonzero()) == 3 * (n if adapter == "meanpool" else n + 1)
+    chosen = chosen & image
+    changed = (fed != clean).any(-1)                                        # (B,T) rows that differ
+    assert set(map(tuple, changed.nonzero().tolist())) == set(zip(rows[chosen].tolist(), cols[chosen].tolist()))
+    assert (ids[changed] == system.ids.image).all()                         # only <image> rows ever change
     torch.testing.assert_close(fed[rows[chosen], cols[chosen]], system.feedback(own_pred[chosen]))
     torch.testing.assert_close(fed[rows[~chosen], cols[~chosen]], clean[rows[~chosen], cols[~chosen]])
     untouched = torch.ones(fed.shape[:2], dtype=torch.bool)

@@ -14,7 +14,8 @@ renders segments `("prompt", str)` (no loss), `("answer", str)` (loss), `("image
 ids are the rendered string's own, and a token is a target when its characters overlap an answer.
 
 Changing the template cannot silently break that mask: `check_answer_mask` decodes every run of target tokens
-and compares it with the conversation's answers, taken from the raw data rather than from the rendering, and
+and compares it with the conversation's answers, read from the sample's assistant turns rather than from the
+rendered segments, and
 raises `AnswerMaskError` showing the decoded sample (targets in ⟦ ⟧) when they differ. The collator runs it on
 every training sequence. E.g. a template ending `"... the answer is"` glues its last word to the answer
 (`"isyes"` is one token), and the check names it.
@@ -195,7 +196,10 @@ def check_answer_mask(tokenizer: Any, ids: list[int] | torch.Tensor, labels: lis
     got, want = [_squash(r) for r in runs], [_squash(e) for e in expected]
     ok = got == want
     if truncated and not ok and len(got) <= len(want):
-        ok = got[:-1] == want[:len(got) - 1] and (not got or want[len(got) - 1].startswith(got[-1]))
+        # Cut: the answers before the cut, whole, then a prefix of the one it cut (or nothing at all). A cut inside
+        # a multi-byte character decodes to U+FFFD at the end.
+        n = len(got)
+        ok = n == 0 or (got[:n - 1] == want[:n - 1] and want[n - 1].startswith(got[-1].rstrip("\ufffd")))
     if not ok:
         raise AnswerMaskError(
             f"sample {sample_id!r}: the loss mask does not cover exactly the assistant answers.\n"

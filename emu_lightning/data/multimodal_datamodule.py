@@ -57,8 +57,9 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
     Args:
         train: name → training source; None = synthetic pairs, documents, videos and storyboards.
         weights: name → share of each step's batch (largest-remainder counts); None = equal shares.
-        layouts: name → layout kind (`pair`, `interleaved`, `video`, `storyboard`, `vqa`, `text`); sources not
-            named here are inferred from their sample keys (a `videos` sample defaults to `video`).
+        layouts: name → layout kind (`pair`, `interleaved`, `video`, `storyboard`, `vqa`, `text`, `chat`, `gen`) of a
+            training source or an evaluation set; those not named here are inferred from their sample keys (a
+            `videos` sample defaults to `video`; caption pairs are `pair` unless named, e.g. `gen` for Emu2-Gen).
         val: name → evaluation set; None = synthetic val captions, VQA and videos.
         test: name → test set; None = synthetic test captions, VQA and videos.
         demos: name of an evaluation set → the training pool its few-shot demonstrations come from; None =
@@ -95,9 +96,17 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
             "pairs": syn("captions", "train", 100_000), "documents": syn("documents", "train", 100_000),
             "videos": syn("videos", "train", 100_000), "storyboards": syn("videos", "train", 100_000)}
         layouts = dict(layouts or ({"storyboards": "storyboard"} if train is None else {}))
-        unknown = sorted(set(layouts) - set(self.train_sets))
+        self.val_sets = val if val is not None else {
+            "val_captions": syn("captions", "val", 64), "val_vqa": syn("vqa", "val", 64),
+            "val_videos": syn("videos", "val", 32)}
+        self.test_sets = test if test is not None else {
+            "test_captions": syn("captions", "test", 256), "test_vqa": syn("vqa", "test", 256),
+            "test_videos": syn("videos", "test", 128)}
+        unknown = sorted(set(layouts) - set(self.train_sets) - set(self.val_sets) - set(self.test_sets))
         if unknown:
-            raise ValueError(f"layouts names {unknown}, which are not training sources {sorted(self.train_sets)}")
+            raise ValueError(f"layouts names {unknown}, which are neither training sources {sorted(self.train_sets)} "
+                             f"nor evaluation sets {sorted({**self.val_sets, **self.test_sets})}")
+        self.eval_layouts = {n: k for n, k in layouts.items() if n not in self.train_sets}
         self.layout_kinds: dict[str, str] = {}
         for n, ds in self.train_sets.items():
             if n not in layouts and isinstance(ds, IterableDataset):
@@ -111,12 +120,6 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
         if set(self.weights) != set(self.train_sets):
             raise ValueError(f"weights name {sorted(self.weights)} but the sources are {sorted(self.train_sets)}")
         self.counts = step_counts(self.weights, batch_size)
-        self.val_sets = val if val is not None else {
-            "val_captions": syn("captions", "val", 64), "val_vqa": syn("vqa", "val", 64),
-            "val_videos": syn("videos", "val", 32)}
-        self.test_sets = test if test is not None else {
-            "test_captions": syn("captions", "test", 256), "test_vqa": syn("vqa", "test", 256),
-            "test_videos": syn("videos", "test", 128)}
         self.demo_sets = demos if demos is not None else self._default_demos(demo_pool_size, image_size)
         self.transform = image_transform(image_size)
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
@@ -145,7 +148,8 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
         return SequenceCollator(self.tokenizer, self.num_image_tokens, self.max_length, self.video_token)
 
     def prepare_sample(self, s: dict) -> dict:
-        """Transform every image of a raw sample ("image", "images", "frames") to a normalised tensor."""
+        """Transform every image of a raw sample ("image", "images", "frames", a chat "video", gen "references")
+        to a normalised tensor."""
         out = dict(s)
         for key in ("images", "frames", "video", "references"):
             if key in s:
@@ -178,16 +182,16 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
             self._train_loader.consumed(batch.pop("stream_state"))
         return batch
 
-    def _eval_loader(self, ds: Dataset) -> DataLoader:
-        collate = _EvalCollate(self, self.layout(Layout.infer(ds[0]), train=False))
+    def _eval_loader(self, name: str, ds: Dataset) -> DataLoader:
+        collate = _EvalCollate(self, self.layout(self.eval_layouts.get(name) or Layout.infer(ds[0]), train=False))
         return DataLoader(ds, batch_size=self.eval_batch_size, num_workers=self.num_workers,
                           collate_fn=collate, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader(ds) for ds in self.val_sets.values()]
+        return [self._eval_loader(n, ds) for n, ds in self.val_sets.items()]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader(ds) for ds in self.test_sets.values()]
+        return [self._eval_loader(n, ds) for n, ds in self.test_sets.items()]
 
     def predict_dataloader(self) -> list[DataLoader]:
         # `main.py predict` runs over the test sets (a prediction writer saves the outputs).

@@ -161,7 +161,9 @@ class Layout:
         return [("text", s["text"])]
 
     def _chat(self, s: dict) -> Segments:
-        # Text loss on the answers only (Emu2-Chat has no image loss, spec §2).
+        # Text loss on the answers only (Emu2-Chat has no image loss, spec §2). A video keeps `num_frames` frames.
+        if s.get("video") is not None:
+            s = {**s, "video": [s["video"][i] for i in self._frames({**s, "frames": s["video"]})]}
         turns = conversation_turns(s)
         answers = ["".join(v for _, v in content) for role, content in turns if role == "assistant"]
         return Segments(self.template.segments(turns), regress="none", targets=answers)
@@ -262,7 +264,9 @@ class SequenceCollator:
             labels.append(y)
             images += ims
             mode = d.get("regress", "all")
-            regress += [mode == "all" or (mode == "last" and i == len(ims) - 1) for i in range(len(ims))]
+            # "last" means the document's last image: if the cut dropped it, nothing of this document regresses.
+            kept_last = len(ims) == sum(len(v) if k == "video" else 1 for k, v in d["segments"] if k in ("image", "video"))
+            regress += [mode == "all" or (mode == "last" and kept_last and i == len(ims) - 1) for i in range(len(ims))]
             truncated += cut
         sources = sorted({d["source"] for d in docs})
         input_ids, mask = pad(seqs, self.ids.pad)

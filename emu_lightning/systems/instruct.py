@@ -72,8 +72,8 @@ class ChatSystem(Stage2System):
             [first_answer(p) for p in preds], [s["answers"] for s in samples])
         kept = self.eval_samples.setdefault(name, [])
         for s, p in zip(samples, preds):
-            if len(kept) < 8:
-                image = s["images"][0] if s.get("images") else s["video"][0]
+            image = (s.get("images") or s.get("video") or [None])[0]
+            if len(kept) < 8 and image is not None:      # the sample log shows conversations with a picture
                 kept.append((image, p, s["answers"][0]))
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:

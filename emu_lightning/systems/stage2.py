@@ -102,7 +102,7 @@ class Stage2System(MultimodalEval, EmuSystem):
         visual = self.adapter(feats) if feats is not None else pixels.new_zeros(0, self.num_image_tokens, D)
         embeds = self.embed_multimodal(ids, visual)                    # (B,T,D_llm)
         pos, target = self.regression_pairs(ids, embeds, feats, visual, batch["regress_images"])
-        inputs = embeds if own is None else self._feed_own(embeds, pos, *own)
+        inputs = embeds if own is None else self._feed_own(embeds, ids, pos, *own)
         hidden, _ = self.llm(inputs, mask)                             # (B,T,D_llm) after the final norm
         ce = token_ce(self.llm.logits(hidden), batch["labels"])        # (B,T-1)
         is_text = batch["labels"][:, 1:] != -100                       # (B,T-1) positions with a CE target
@@ -114,10 +114,12 @@ class Stage2System(MultimodalEval, EmuSystem):
             out["target_var"] = target.detach().float().var(0).mean()  # Emu1 targets train: watch for collapse
         return out, (ce, is_text, pos, pred, target)
 
-    def _feed_own(self, embeds: Tensor, pos: Tensor, pred: Tensor, chosen: Tensor) -> Tensor:
-        """`embeds` with the row after each chosen predicting position replaced by `feedback(pred)` (what free
-        generation feeds back there), so training sees its own errors in the inputs (see `GenSystem`)."""
+    def _feed_own(self, embeds: Tensor, ids: Tensor, pos: Tensor, pred: Tensor, chosen: Tensor) -> Tensor:
+        """`embeds` with the `<image>` row after each chosen predicting position replaced by `feedback(pred)` (what
+        free generation feeds back there), so training sees its own errors in the inputs (see `GenSystem`). Emu1's
+        `[/IMG]` prediction is never fed back (generation stops after N), so that row is never replaced."""
         where = pos.nonzero()                                          # (P,2): (row, t) predicts (row, t+1)
+        chosen = chosen & (ids[where[:, 0], where[:, 1] + 1] == self.ids.image)
         rows, cols = where[chosen, 0], where[chosen, 1] + 1
         out = embeds.clone()
         out[rows, cols] = self.feedback(pred[chosen]).to(embeds.dtype)
