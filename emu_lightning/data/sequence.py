@@ -211,19 +211,16 @@ class SequenceCollator:
         close = close and not (segments and segments[-1][0] == "answer")  # a chat answer ends with its own </s>
         ids, labels, images = [self.ids.bos], [IGNORE], []
         for kind, value in _text_runs(segments):
-            if kind == "run":  # chat text: one tokenization of the rendered string, answers are the targets
-                toks, targets = self._encode_run(value)
+            if kind in ("run", "text"):
+                # Pretraining text is all targets; a chat run is one tokenization of the rendered string, whose
+                # answers are the targets.
+                if kind == "run":
+                    toks, targets = self._encode_run(value)
+                else:
+                    toks = targets = self.tok(value, add_special_tokens=False)["input_ids"]
                 room = limit - len(ids) - int(close)
                 ids += toks[:room]
                 labels += targets[:room]
-                if len(toks) > room:
-                    return ids, labels, images, True
-                continue
-            if kind == "text":
-                toks = self.tok(value, add_special_tokens=False)["input_ids"]
-                room = limit - len(ids) - int(close)
-                ids += toks[:room]
-                labels += toks[:room]
                 if len(toks) > room:
                     return ids, labels, images, True
                 continue
