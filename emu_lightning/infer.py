@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from emu_lightning.data.chat import PRESETS  # noqa: E402
 from emu_lightning.data.datamodule import image_transform  # noqa: E402
-from emu_lightning.data.sequence import vqa_text  # noqa: E402
+from emu_lightning.data.sequence import fill_placeholders, vqa_text  # noqa: E402
 from emu_lightning.data.tokens import IMAGE  # noqa: E402
 
 CAPTION_INSTRUCTION = "please provide an accurate and concise description of the given image."  # spec §5, Emu-I
@@ -211,12 +211,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             if not isinstance(system, Stage2System):
                 raise ValueError(f"{type(system).__name__} is a captioner: generate needs a stage-2, gen- or chat-tuned "
                                  f"model (one with a regression head)")
-            parts = args.prompt.split(IMAGE)
-            if len(parts) - 1 != len(images):
-                raise ValueError(f"--prompt has {len(parts) - 1} {IMAGE} placeholders but {len(images)} --image given")
-            doc: list = []
-            for i, text in enumerate(parts):
-                doc += ([text] if text else []) + ([images[i]] if i < len(images) else [])
+            doc = [x for _, x in fill_placeholders(args.prompt, images, "--prompt", "--image")]
             generated = _decoder_pipeline(args, system).in_context([doc], args.guidance, args.steps, seed=args.seed)
             rows = [{"prompt": args.prompt, "images": args.image or [], "image": p}
                     for p in _save_images(generated, out, "generate")]

@@ -1,13 +1,19 @@
-"""Single-purpose callbacks: the throughput arithmetic on a controlled clock, and the config flattening that
-feeds TensorBoard's HPARAMS tab. (Both also run inside the real CLI fit in test_fit_smoke.py.)"""
+"""Single-purpose callbacks: the throughput arithmetic on a controlled clock, the config flattening that
+feeds TensorBoard's HPARAMS tab (both also run inside the real CLI fit in test_fit_smoke.py), and `last.ckpt`
+at every validation."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
 
 import callbacks.throughput as throughput
+from callbacks.checkpoint import LastCheckpoint
 from callbacks.hparams import flatten_config
 from callbacks.throughput import Throughput, batch_counts
 
@@ -81,3 +87,48 @@ def test_flatten_config_gives_tensorboard_scalars():
                                                    "adapter": {"class_path": "a.B"}}}, "seed_everything": 0})
     assert flat == {"model.init_args.lr": 1e-3, "model.init_args.trainable": "[adapter, llm]",
                     "model.init_args.x": "None", "model.init_args.adapter.class_path": "a.B", "seed_everything": 0}
+
+
+class _LastSeen(L.Callback):
+    """The step stored in last.ckpt (or None) at the first batch after each validation (Lightning runs checkpoint
+    callbacks after all others, so on_validation_end here would be too early)."""
+
+    def __init__(self, path) -> None:
+        self.path, self.seen = path, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 0 or trainer.global_step % 2:
+            return
+        stored = torch.load(self.path, weights_only=False)["global_step"] if self.path.exists() else None
+        self.seen.append((trainer.global_step, stored))
+
+
+def _fit_with(checkpoint: ModelCheckpoint, tmp_path) -> list:
+    seen = _LastSeen(tmp_path / "last.ckpt")
+    trainer = L.Trainer(max_steps=6, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[checkpoint, seen], default_root_dir=tmp_path)
+    trainer.fit(BoringModel())
+    return seen.seen
+
+
+def test_last_checkpoint_follows_every_validation_with_save_top_k_0(tmp_path):
+    seen = _fit_with(LastCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0), tmp_path)
+    assert seen == [(2, 2), (4, 4)]
+    assert list(tmp_path.glob("*.ckpt")) == [tmp_path / "last.ckpt"]      # no top-k files
+
+
+def test_plain_model_checkpoint_with_save_top_k_0_writes_no_last_mid_run(tmp_path):
+    """The control, and the reason LastCheckpoint exists: Lightning's own callback leaves no checkpoint until the
+    fit ends. If a Lightning upgrade fixes this, this test says so and LastCheckpoint can go."""
+    seen = _fit_with(ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0), tmp_path)
+    assert seen == [(2, None), (4, None)]
+    assert (tmp_path / "last.ckpt").exists()                               # written at the end of the fit
+
+
+@pytest.mark.parametrize("name", ["callbacks.yaml", "callbacks_decoder.yaml"])
+def test_shared_callbacks_use_last_checkpoint(name):
+    from tests.resume_helpers import ROOT
+    entries = yaml.safe_load((ROOT / "recipes" / "_base" / name).read_text())
+    paths = [e["class_path"] for e in entries]
+    assert "callbacks.checkpoint.LastCheckpoint" in paths and "lightning.pytorch.callbacks.ModelCheckpoint" not in paths

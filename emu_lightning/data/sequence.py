@@ -172,14 +172,21 @@ class Layout:
         # Emu2-Gen: instruction (grounding tokens, reference images at its `<image>` placeholders) → the image;
         # only that last image is regressed (spec §2). A caption pair is a plain text-to-image instruction.
         instruction = s["instruction"] if "instruction" in s else self._pick(s["captions"], "captions", s)
-        refs, parts = list(s.get("references", [])), instruction.split(IMAGE)
-        if len(parts) - 1 != len(refs):
-            raise ValueError(f"sample {s.get('id')!r}: {len(parts) - 1} {IMAGE} placeholders in the instruction for "
-                             f"{len(refs)} reference images")
-        segs: list = []
-        for i, text in enumerate(parts):
-            segs += ([("text", text)] if text else []) + ([("image", refs[i])] if i < len(refs) else [])
+        segs = fill_placeholders(instruction, list(s.get("references", [])), f"sample {s.get('id')!r}: the instruction",
+                                 "reference images")
         return Segments([*segs, ("image", s["image"])], regress="last")
+
+
+def fill_placeholders(text: str, images: list, what: str, given: str = "images") -> list[tuple[str, Any]]:
+    """`text` with each `<image>` replaced by the next of `images` → [("text", str) | ("image", x), ...] in order;
+    a count mismatch is an error naming `what` (the text) and `given` (the images)."""
+    parts = text.split(IMAGE)
+    if len(parts) - 1 != len(images):
+        raise ValueError(f"{what} has {len(parts) - 1} {IMAGE} placeholders but {len(images)} {given} given")
+    segs: list = []
+    for i, part in enumerate(parts):
+        segs += ([("text", part)] if part else []) + ([("image", images[i])] if i < len(images) else [])
+    return segs
 
 
 def vqa_text(question: str, answer: str | None = None, zero_shot: bool = False) -> str:

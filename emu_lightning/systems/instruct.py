@@ -19,7 +19,6 @@ import torch
 
 from emu_lightning.data.chat import ChatTemplate, chat_template, conversation_turns
 from emu_lightning.data.fewshot import first_answer
-from emu_lightning.metrics.embedding import EmbeddingSimilarity
 from emu_lightning.metrics.vqa import VQAAccuracy
 from emu_lightning.systems.stage2 import Stage2System
 
@@ -119,8 +118,4 @@ class GenSystem(Stage2System):
         samples = batch["samples"]
         self._eval_losses(batch, name)
         layout = self.trainer.datamodule.layout("gen", train=False)
-        generated = self.generate_image_embeddings([gen_prompt(layout(s)) for s in samples])   # (B,N,D_tgt)
-        with torch.no_grad():
-            feats = self.encoder(torch.stack([s["image"] for s in samples]).to(self.device))
-            target = self.visual_targets(feats, self.adapter(feats))
-        self._eval_metric(f"{name}|gen", EmbeddingSimilarity).update(generated, target)
+        self._gen_metric(name, [gen_prompt(layout(s)) for s in samples], torch.stack([s["image"] for s in samples]))

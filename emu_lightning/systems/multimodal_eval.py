@@ -86,11 +86,16 @@ class MultimodalEval:
                         preds = self.generate_text(prompts, self.answer_max_new_tokens, self.num_beams)
                         metric.update([first_answer(p) for p in preds], [s["answers"] for s in samples])
         if batch["layout"] == "pair":  # text → image: regress the image from its caption, compare with the encoder
-            generated = self.generate_image_embeddings([[("text", s["captions"][0])] for s in samples])
-            with torch.no_grad():
-                feats = self.encoder(batch["pixel_values"])
-                target = self.visual_targets(feats, self.adapter(feats))
-            self._eval_metric(f"{name}|gen", EmbeddingSimilarity).update(generated, target)
+            self._gen_metric(name, [[("text", s["captions"][0])] for s in samples], batch["pixel_values"])
+
+    def _gen_metric(self, name: str, prompts: list, pixel_values: Tensor) -> None:
+        """`<name>/gen_*`: the embeddings generated from `prompts` (KV cache, own outputs fed back) against the
+        regression targets of the (B,3,H,W) images they should depict."""
+        generated = self.generate_image_embeddings(prompts)                                 # (B,N,D_tgt)
+        with torch.no_grad():
+            feats = self.encoder(pixel_values.to(self.device))
+            target = self.visual_targets(feats, self.adapter(feats))
+        self._eval_metric(f"{name}|gen", EmbeddingSimilarity).update(generated, target)
 
     def _eval_epoch_end(self) -> None:
         for key, metric in getattr(self, "eval_metrics", {}).items():
