@@ -117,14 +117,29 @@ class ExportedDecoder(nn.Module):
         self.register_buffer("null", tensors["null_embedding"])                          # (1,N,D)
         self.requires_grad_(False).eval()
 
+    # The surface `EmuImagePipeline` uses, shared with `DecoderSystem` (which also has the encoder).
+    @property
+    def condition_kind(self) -> str:
+        return self.meta["condition"]
+
+    @property
+    def device(self) -> torch.device:
+        return self.null.device
+
+    def null_embedding(self, like: Tensor) -> Tensor:
+        return self.null.to(like)
+
     @torch.no_grad()
     def decode(self, cond: Tensor, guidance: float | None = None, steps: int | None = None,
-               generator: torch.Generator | None = None, null: Tensor | None = None) -> Tensor:
-        """(B,N,D) embeddings → (B,3,S,S) images in [0,1]; defaults are the exported sampling settings."""
+               generator: torch.Generator | None = None, null: Tensor | None = None,
+               sampler: str | None = None) -> Tensor:
+        """(B,N,D) embeddings → (B,3,S,S) images in [0,1]; defaults are the exported sampling settings
+        (`sampler`: another scheduler by short name, on the exported schedule)."""
         self.unet.check_condition(cond)
         shape = (len(cond), self.space.channels, self.unet.sample_size, self.unet.sample_size)
         guidance = self.meta["guidance_scale"] if guidance is None else guidance
-        z = sample(self.unet, self.scheduler, cond, (self.null if null is None else null).to(cond), shape,
+        scheduler = self.scheduler if sampler is None else make_scheduler(sampler, dict(self.scheduler.config))
+        z = sample(self.unet, scheduler, cond, (self.null if null is None else null).to(cond), shape,
                    steps or self.meta["sample_steps"], guidance, generator)
         return ((self.space.decode(z) + 1) / 2).clamp(0, 1)
 

@@ -15,6 +15,8 @@ asked in its own template; a stage-2 model gets the Emu2 zero-shot VQA prompt; a
 otherwise each `--message` (or each non-blank line of standard input) is one user turn, the images go into
 the first.
 In `generate`, each `<image>` in the prompt is replaced by the next `--image` (in-context / subject-driven).
+`--decoder` is a decoder run (directory or `.ckpt`) or, for `generate`, a folder written by
+`emu_lightning.decoder_export` (a plain diffusers UNet; it has no encoder, so `blend` needs the run).
 """
 from __future__ import annotations
 
@@ -154,11 +156,14 @@ class Conversation:
 
 
 def _decoder_pipeline(args: argparse.Namespace, generator: Any = None):
+    from emu_lightning.decoder_export import META, load_exported_decoder
     from emu_lightning.pipelines import EmuImagePipeline
     from emu_lightning.systems.decoder import DecoderSystem
 
     if not args.decoder:
-        raise ValueError(f"{args.command} needs --decoder <decoder run directory or .ckpt>")
+        raise ValueError(f"{args.command} needs --decoder <decoder run directory, .ckpt or export folder>")
+    if (Path(args.decoder) / META).is_file():                 # an `export_decoder` folder (plain diffusers UNet)
+        return EmuImagePipeline(load_exported_decoder(args.decoder), generator)
     decoder = load_model(args.decoder, args.decoder_config)
     if not isinstance(decoder, DecoderSystem):
         raise ValueError(f"--decoder {args.decoder} holds a {type(decoder).__name__}, not a visual decoder run")
@@ -257,7 +262,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--question", help="vqa: the question")
     p.add_argument("--message", action="append", help="chat: a user turn (repeat); none = REPL or stdin lines")
     p.add_argument("--prompt", default="", help=f"generate: the instruction; each {IMAGE} takes the next --image")
-    p.add_argument("--decoder", help="generate / blend: visual decoder run directory or .ckpt")
+    p.add_argument("--decoder", help="generate / blend: visual decoder run directory or .ckpt; "
+                   "generate also takes a decoder export folder")
     p.add_argument("--decoder-config", help="config.yaml of the decoder run, for a .ckpt outside its run")
     p.add_argument("--out", default="infer_out", help="output folder")
     p.add_argument("--max-new-tokens", type=int, default=32)

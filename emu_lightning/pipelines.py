@@ -25,6 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from emu_lightning.data.datamodule import image_transform
+from emu_lightning.decoder_export import ExportedDecoder
 from emu_lightning.systems.base import PartsSystem
 from emu_lightning.systems.decoder import DecoderSystem
 from emu_lightning.systems.stage2 import Stage2System
@@ -65,12 +66,13 @@ class EmuImagePipeline:
     (`guidance_scale`, `sample_steps`, `sampler`); `seed` seeds the initial noise on the CPU.
 
     Args:
-        decoder: the trained visual decoder.
+        decoder: the trained visual decoder: its `DecoderSystem`, or an export folder's `ExportedDecoder`
+            (`load_exported_decoder`), which has no encoder, so it serves prompt-driven generation only.
         generator: a stage-2 model whose regression targets are the decoder's condition (Emu2: pooled EVA
             tokens; Emu1: adapter outputs); None = reconstruction and blending only.
     """
 
-    def __init__(self, decoder: DecoderSystem, generator: Stage2System | None = None) -> None:
+    def __init__(self, decoder: DecoderSystem | ExportedDecoder, generator: Stage2System | None = None) -> None:
         self.decoder, self.generator = decoder.eval(), generator.eval() if generator is not None else None
         if generator is None:
             return
@@ -89,6 +91,9 @@ class EmuImagePipeline:
     def image_conditions(self, images: Sequence[ImageLike] | Tensor) -> Tensor:
         """Images → (B,N,D_cond) decoder conditions (frozen encoder + adapter, no LLM)."""
         d = self.decoder
+        if not isinstance(d, DecoderSystem):
+            raise ValueError("an exported decoder has no encoder: reconstructing or blending images needs the "
+                             "decoder's training run (its checkpoint holds the frozen encoder + adapter)")
         return d.condition(_pixels(images, d.encoder.img_size).to(d.device))
 
     def prompt_conditions(self, docs: list[list[str | ImageLike]], null: str = "empty_prompt"
@@ -121,7 +126,7 @@ class EmuImagePipeline:
     def _decode(self, cond: Tensor, null: Tensor | None, guidance: float | None, steps: int | None,
                 sampler: str | None, seed: int) -> Tensor:
         gen = torch.Generator().manual_seed(seed)
-        return self.decoder.decode(cond, guidance, steps, sampler, gen, null)
+        return self.decoder.decode(cond, guidance, steps, generator=gen, null=null, sampler=sampler)
 
     def reconstruct(self, images: Sequence[ImageLike] | Tensor, guidance: float | None = None,
                     steps: int | None = None, sampler: str | None = None, seed: int = 0) -> Tensor:
