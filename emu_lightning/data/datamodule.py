@@ -33,14 +33,15 @@ def image_transform(size: int) -> T.Compose:
                       T.ToDtype(torch.float32, scale=True), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
-def _prepare(sample: dict, transform: T.Compose, train: bool) -> dict:
+def _prepare(sample: dict, transform: T.Compose, train: bool, rng: torch.Generator | None = None) -> dict:
     caps = sample["captions"]
     if not caps:
         raise ValueError(f"sample {sample.get('id')!r}: empty 'captions' list")
-    # The training caption is a fresh draw among the references each time the sample is read, from the
-    # torch RNG that `seed_everything(workers=True)` seeds per worker: every reference gets trained on
-    # across epochs, and a run with the same seed draws the same sequence. Evaluation uses reference 0.
-    pick = int(torch.randint(len(caps), ())) if train else 0
+    # The training caption is a fresh draw among the references each time the sample is read: every reference
+    # gets trained on across epochs. A map-style set draws from `rng` (a function of the epoch's order seed and
+    # the index, so a resumed run replays it); a stream draws from the torch RNG that
+    # `seed_everything(workers=True)` seeds per worker. Evaluation uses reference 0.
+    pick = int(torch.randint(len(caps), (), generator=rng)) if train else 0
     return {**sample, "image": transform(sample["image"]), "caption": caps[pick]}
 
 
@@ -51,8 +52,62 @@ class _Mapped(Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, i: int) -> dict:
-        return _prepare(self.ds[i], self.transform, self.train)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        if isinstance(key, tuple):          # (index, epoch seed) from `EpochSampler`
+            i, seed = key
+            return _prepare(self.ds[i], self.transform, self.train,
+                            torch.Generator().manual_seed((seed * 1_000_003 + i) % 2**63))
+        return _prepare(self.ds[key], self.transform, self.train)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A random order per epoch, like `RandomSampler`, from a seed drawn from the torch RNG (so
+    `seed_everything` fixes the run), yielding `(index, seed)`: the read's caption draw follows from both.
+    After `resume(seed, skip)` the next epoch is that seed's order without its first `skip` indices."""
+
+    def __init__(self, n: int):
+        self.n, self.seed, self._resume = n, None, None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def resume(self, seed: int, skip: int) -> None:
+        self._resume = (seed, skip)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        seed, skip = self._resume or (int(torch.empty((), dtype=torch.int64).random_().item()), 0)
+        self.seed, self._resume = seed, None
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)).tolist()
+        for i in order[skip:]:
+            yield i, seed
+
+
+class ResumableMapLoader(DataLoader):
+    """Training DataLoader over a map-style set whose position within the epoch Lightning keeps in checkpoints
+    (`state_dict`): the epoch's order seed and the batches the model consumed (not those the workers prefetched;
+    the datamodule reports each training batch through `consumed`). A resumed run reads exactly the batches
+    the uninterrupted one would have. One process only: several ranks shard through Lightning's sampler."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, **kwargs: Any):
+        super().__init__(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset)), drop_last=True,
+                         **kwargs)
+        self.batches, self._seed = 0, None     # batches consumed in the epoch of order seed `_seed`
+
+    def consumed(self) -> None:
+        if self._seed != self.sampler.seed:    # the first batch of a new epoch
+            self.batches, self._seed = 0, self.sampler.seed
+        self.batches += 1
+
+    def state_dict(self) -> dict:
+        return {"seed": self._seed, "batches": self.batches, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["batch_size"] != self.batch_size:
+            raise ValueError(f"the checkpoint's training loader read batches of {state['batch_size']}, this run's "
+                             f"batch_size is {self.batch_size}: a mid-epoch resume needs the same batch size")
+        if state["seed"] is not None:
+            self.sampler.resume(state["seed"], state["batches"] * self.batch_size)
+            self.batches, self._seed = state["batches"], state["seed"]
 
 
 class _Streamed(IterableDataset):
@@ -131,7 +186,20 @@ class CaptionDataModule(NamedEvalSets, L.LightningDataModule):
                           collate_fn=self._collate(), persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        ranks = self.trainer.world_size if self.trainer is not None else 1
+        if isinstance(self.train_set, IterableDataset) or ranks > 1:
+            self._train_loader = None          # a stream, or Lightning's distributed sampler: not resumable
+            return self._loader(self.train_set, train=True)
+        self._train_loader = ResumableMapLoader(
+            _Mapped(self.train_set, self.transform, True), self.batch_size, num_workers=self.num_workers,
+            collate_fn=self._collate(), persistent_workers=self.num_workers > 0)
+        return self._train_loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # The batch the model is about to train on: what a checkpoint's loader position must count.
+        if getattr(self, "_train_loader", None) is not None and self.trainer is not None and self.trainer.training:
+            self._train_loader.consumed()
+        return batch
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader(ds, train=False) for ds in self.val_sets.values()]
