@@ -181,6 +181,11 @@ def test_export_round_trips_through_plain_diffusers(space, tmp_path):
     torch.testing.assert_close(plain_diffusers_decode(folder, cond, 3.0, 3, 7), want, rtol=0, atol=1e-6)
     loaded = load_exported_decoder(folder)
     torch.testing.assert_close(loaded.decode(cond, guidance=3.0, steps=3, generator=_gen(7)), want, rtol=0, atol=1e-6)
+    # Another sampler by name, on the exported schedule, matches the system's (and differs from the default).
+    euler = system.decode(cond, guidance=3.0, steps=3, sampler="euler", generator=_gen(7))
+    torch.testing.assert_close(loaded.decode(cond, guidance=3.0, steps=3, generator=_gen(7), sampler="euler"), euler,
+                               rtol=0, atol=1e-6)
+    assert (euler - want).abs().max() > 1e-3
 
 
 def test_export_pooled_grid_decoder_and_replace(tmp_path):

@@ -170,6 +170,7 @@ class CaptionDataModule(NamedEvalSets, L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.max_length = max_length
         self.tokenizer, self.num_image_tokens = tokenizer, num_image_tokens
+        self._train_loader: ResumableMapLoader | None = None     # set by train_dataloader when resumable
 
     def _collate(self) -> CaptionCollator:
         if self.tokenizer is None:
@@ -197,7 +198,7 @@ class CaptionDataModule(NamedEvalSets, L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # The batch the model is about to train on: what a checkpoint's loader position must count.
-        if getattr(self, "_train_loader", None) is not None and self.trainer is not None and self.trainer.training:
+        if self._train_loader is not None and self.trainer is not None and self.trainer.training:
             self._train_loader.consumed()
         return batch
 
