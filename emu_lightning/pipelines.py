@@ -27,7 +27,7 @@ from torch import Tensor
 from emu_lightning.data.datamodule import image_transform
 from emu_lightning.decoder_export import ExportedDecoder
 from emu_lightning.systems.base import PartsSystem
-from emu_lightning.systems.decoder import DecoderSystem
+from emu_lightning.systems.decoder import DecoderSystem, check_pairing
 from emu_lightning.systems.stage2 import Stage2System
 
 NULLS = ("empty_prompt", "decoder")
@@ -76,15 +76,7 @@ class EmuImagePipeline:
         self.decoder, self.generator = decoder.eval(), generator.eval() if generator is not None else None
         if generator is None:
             return
-        unet = decoder.unet
-        width, tokens = generator.regression_head.out_dim, generator.num_image_tokens
-        if width != unet.cond_dim or tokens != unet.num_tokens:
-            raise ValueError(f"the generator regresses {tokens} × {width} embeddings (target_space="
-                             f"{generator.target_space!r}) but the decoder is conditioned on {unet.num_tokens} × "
-                             f"{unet.cond_dim} (condition={decoder.condition_kind!r})")
-        if generator.target_space != decoder.condition_kind:
-            raise ValueError(f"the generator regresses target_space={generator.target_space!r} embeddings but the "
-                             f"decoder is conditioned on condition={decoder.condition_kind!r}: train both on one space")
+        check_pairing(generator, decoder.unet, decoder.condition_kind)
 
     # --- conditions -----------------------------------------------------------------------------------------
 

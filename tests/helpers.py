@@ -49,7 +49,7 @@ def tiny_datamodule(system: Stage1System, train_size: int = 64, eval_size: int =
 
 
 def tiny_stage2(adapter: str = "meanpool", trainable=("adapter", "llm", "regression_head"), lr: float = 1e-3,
-                **kwargs):
+                head=None, **kwargs):
     """Stage-2 twin of `tiny_stage1`: Emu2 layout (pooled targets) for mean-pool, Emu1 (adapter space) for C-Former."""
     from components.llm.regression_head import RegressionHead
     from emu_lightning.systems.stage2 import Stage2System
@@ -57,7 +57,7 @@ def tiny_stage2(adapter: str = "meanpool", trainable=("adapter", "llm", "regress
     policy = StagePolicy(trainable=list(trainable), lr={k: lr for k in trainable})
     llm = LlamaLM(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, vocab_size=128)
     space = "pooled" if adapter == "meanpool" else "adapter"
-    head = RegressionHead(64, 64)
+    head = head if head is not None else RegressionHead(64, 64)
     return Stage2System(tiny_encoder(), tiny_adapter(adapter), llm, policy=policy, regression_head=head,
                         target_space=space, **kwargs)
 

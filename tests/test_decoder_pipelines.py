@@ -83,11 +83,11 @@ def test_reconstruct_takes_clip_normalised_tensors(pipe):
 
 
 def test_generation_uses_the_kv_cache_and_equals_the_full_recompute(pipe, monkeypatch):
-    from emu_lightning.systems import stage2
+    from components.heads import autoregressive
 
     calls = []
-    cached = stage2.generate_visual_cached
-    monkeypatch.setattr(stage2, "generate_visual_cached", lambda *a: calls.append(len(a[3])) or cached(*a))
+    cached = autoregressive.generate_visual_cached
+    monkeypatch.setattr(autoregressive, "generate_visual_cached", lambda *a: calls.append(len(a[3])) or cached(*a))
     d, g = pipe.decoder, pipe.generator
     prompts = ["a red circle", "two blue squares"]
     cond, null = pipe.prompt_conditions([[p] for p in prompts])

@@ -46,9 +46,11 @@ def test_regression_positions_and_targets_follow_the_spec(adapter):
     feats = system.encoder(batch["pixel_values"])
     visual = system.adapter(feats)
     embeds = system.embed_multimodal(batch["input_ids"], visual)
-    pos, target = system.regression_pairs(batch["input_ids"], embeds, feats, visual, batch["regress_images"])
+    rows, target = system.regression_pairs(batch["input_ids"], embeds, feats, visual, batch["regress_images"])
+    pos = system.regression_head.predicting(rows)                 # (B,T) hidden positions
     x = batch["input_ids"]
-    at, nxt = x[:, :-1][pos], x[:, 1:][pos]
+    assert not pos[:, -1].any()                                   # the autoregressive head: t predicts t+1
+    at, nxt = x[pos], x[:, 1:][pos[:, :-1]]
     n_images = len(batch["pixel_values"])  # 2 pairs + 2 document images + 2 frames
     assert n_images == 6
     if adapter == "meanpool":  # Emu2: [IMG], <image>_1..N-1 predict <image>_1..N; [/IMG] is not regressed

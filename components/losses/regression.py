@@ -1,26 +1,37 @@
-"""ℓ2 regression of the next visual embedding (EMU_SPEC §2): targets are detached, MSE over positions × dims."""
+"""Regression of visual embeddings (EMU_SPEC §2; docs/generation_heads.md): targets are detached.
+
+Objectives: `mse` (the papers' ℓ2, mean over positions × dims), `cosine` (1 − cosine per position, SEED-X's
+choice: direction only), `mse+cosine` (their sum).
+"""
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor
 
+OBJECTIVES = ("mse", "cosine", "mse+cosine")
 
-def regression_loss(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
-    """MSE between predicted and target visual embeddings, plus their cosine (a reading, not a loss term).
+
+def regression_loss(pred: Tensor, target: Tensor, objective: str = "mse") -> dict[str, Tensor]:
+    """The regression loss of predicted against target visual embeddings, plus readings of both kinds.
 
     Args:
         pred: (P,D_tgt) regression-head outputs at the predicting positions.
         target: (P,D_tgt) the embeddings those positions must predict; detached here whatever the caller passed.
+        objective: one of `OBJECTIVES`.
 
     Returns:
-        `{"regression_loss": (), "regression_cos": ()}`; with P = 0 the loss is a graph-connected 0.
+        `{"regression_loss", "regression_mse", "regression_cos"}` (scalars); the loss is the objective, the other
+        two are readings (detached). With P = 0 the loss is a graph-connected 0.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"regression objective {objective!r}; expected one of {OBJECTIVES}")
     if pred.shape != target.shape:
         raise ValueError(f"regression pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     target = target.detach()
     if pred.shape[0] == 0:
         zero = pred.sum() * 0.0
-        return {"regression_loss": zero, "regression_cos": zero.detach()}
-    per_position = (pred.float() - target.float()).pow(2).mean(-1)          # (P,)
-    cos = F.cosine_similarity(pred.detach().float(), target.float(), dim=-1)  # (P,)
-    return {"regression_loss": per_position.mean(), "regression_cos": cos.mean()}
+        return {"regression_loss": zero, "regression_mse": zero.detach(), "regression_cos": zero.detach()}
+    mse = (pred.float() - target.float()).pow(2).mean(-1).mean()                 # mean over P × D
+    cos = F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()       # mean over P
+    loss = {"mse": mse, "cosine": 1 - cos, "mse+cosine": mse + 1 - cos}[objective]
+    return {"regression_loss": loss, "regression_mse": mse.detach(), "regression_cos": cos.detach()}

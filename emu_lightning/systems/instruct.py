@@ -103,6 +103,9 @@ class GenSystem(Stage2System):
                          handoff=handoff or dict(_FROM_STAGE2), **kwargs)
         if not 0.0 <= self_feedback <= 1.0:
             raise ValueError(f"self_feedback={self_feedback}; expected a probability in [0, 1]")
+        if self_feedback > 0 and not self.regression_head.feeds_back:
+            raise ValueError(f"self_feedback={self_feedback} needs a head that feeds its predictions back; "
+                             f"{type(self.regression_head).__name__} feeds nothing back (set self_feedback: 0)")
         self.self_feedback = self_feedback
 
     def _forward(self, batch: dict, own: tuple | None = None) -> tuple[dict, tuple]:

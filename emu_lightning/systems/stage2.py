@@ -9,8 +9,16 @@ the targets, detached, depend on the space the decoder is trained on (`target_sp
   predicted at `<image>`_N (33 positions for N = 32); the head maps D_llm → D_llm;
 - `pooled` (Emu2): the adapter's pooled encoder tokens (`adapter.pool`), D_enc wide; `[/IMG]` is not regressed.
 
-Loss = text_weight · CE + regression_weight · MSE, each logged by name and per data source. The encoder is
-frozen (enforced). Weights come from a stage-1 checkpoint through an explicit, verified hand-off.
+Which positions regress, what the LLM reads at a regressed image's rows and how images are generated follow
+from the generation head (`regression_head`, `components/heads/`): the papers' `AutoregressiveHead` (above:
+t predicts t+1, teacher forcing, predictions fed back) or `QueryHead` (the rows read learned queries and
+regress their own targets; an image that opens a document is read, not regressed, since nothing conditions it).
+See docs/generation_heads.md.
+
+Loss = text_weight · CE + regression_weight · regression, the regression `objective` being `mse` (the papers'),
+`cosine` or `mse+cosine`, in the head's (optionally whitened) space. Target / prediction norms and per-dimension
+variances are logged so a collapse to the mean is visible. The encoder is frozen (enforced). Weights come from
+a stage-1 checkpoint through an explicit, verified hand-off.
 """
 from __future__ import annotations
 
@@ -19,9 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from components.generation import generate_visual_cached, generate_visual_reference
-from components.llm.regression_head import RegressionHead
-from components.losses.regression import regression_loss
+from components.heads.base import ProjectionHead
+from components.losses.regression import OBJECTIVES, regression_loss
 from components.losses.text import token_ce
 from components.multimodal import image_run_index
 from emu_lightning.data.sequence import SequenceCollator, pad
@@ -35,10 +42,14 @@ class Stage2System(MultimodalEval, EmuSystem):
     """Unified pretraining. Arguments of `EmuSystem`, plus:
 
     Args:
-        regression_head: LLM width → target width, no bias (Emu1 D_llm → D_llm; Emu2 `project_down` D_llm → D_enc).
+        regression_head: the generation head (`components/heads/`): LLM width → target width, no bias (Emu1
+            D_llm → D_llm; Emu2 `project_down` D_llm → D_enc), plus how it reads, predicts and generates.
         target_space: `adapter` (Emu1) or `pooled` (Emu2); see the module docstring.
         text_weight: weight of the text cross-entropy.
-        regression_weight: weight of the ℓ2 regression (the papers do not publish the ratio; 1:1 by default).
+        regression_weight: weight of the regression (the papers do not publish the ratio; 1:1 by default).
+        objective: regression loss, one of `mse` (the papers), `cosine`, `mse+cosine`.
+        whiten_batches: training batches read at fit start to estimate the head's target whitening (when the
+            head has `whiten` and no statistics yet; a resumed run keeps its checkpoint's).
         init_from: stage-1 checkpoint (Lightning `.ckpt` or state dict) to start from; None = fresh weights.
         handoff: target part → source prefix in `init_from`; parts not named (the head) stay fresh.
         shots: few-shot k values evaluated on captioning and VQA sets.
@@ -49,8 +60,9 @@ class Stage2System(MultimodalEval, EmuSystem):
         num_beams: beams of few-shot decoding (spec: 5; 1 = greedy, the CPU default of debug recipes).
     """
 
-    def __init__(self, *args: Any, regression_head: RegressionHead, target_space: str = "pooled",
-                 text_weight: float = 1.0, regression_weight: float = 1.0, init_from: str | None = None,
+    def __init__(self, *args: Any, regression_head: ProjectionHead, target_space: str = "pooled",
+                 text_weight: float = 1.0, regression_weight: float = 1.0, objective: str = "mse",
+                 whiten_batches: int = 8, init_from: str | None = None,
                  handoff: dict[str, str] | None = None, shots: list[int] = (0, 2, 4, 8),
                  video_shots: list[int] = (0, 2), selection: list[str] = ("random", "rices"),
                  max_new_tokens: int = 48, answer_max_new_tokens: int = 10, num_beams: int = 1, **kwargs: Any):
@@ -67,7 +79,17 @@ class Stage2System(MultimodalEval, EmuSystem):
         if regression_head.in_dim != self.llm.hidden_dim or regression_head.out_dim != want:
             raise ValueError(f"regression_head is {regression_head.in_dim}→{regression_head.out_dim}; target_space="
                              f"{target_space!r} needs {self.llm.hidden_dim}→{want}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r}; expected one of {OBJECTIVES}")
+        tokens = getattr(regression_head, "num_tokens", self.adapter.num_tokens)
+        if tokens != self.adapter.num_tokens:
+            raise ValueError(f"{type(regression_head).__name__} has num_tokens={tokens} queries but the adapter "
+                             f"({type(self.adapter).__name__}) gives {self.adapter.num_tokens} tokens per image")
+        if getattr(regression_head, "whiten", False) and target_space == "adapter":
+            raise ValueError("regression_head.whiten needs fixed targets, but target_space='adapter' regresses the "
+                             "adapter's outputs, which train: whiten target_space='pooled' targets only")
         self.target_space, self.text_weight, self.regression_weight = target_space, text_weight, regression_weight
+        self.objective, self.whiten_batches = objective, whiten_batches
         self.init_from, self.handoff = init_from, handoff or {"encoder": "encoder", "adapter": "adapter", "llm": "llm"}
         self.shots, self.video_shots, self.selection = list(shots), list(video_shots), list(selection)
         self.max_new_tokens, self.answer_max_new_tokens, self.num_beams = max_new_tokens, answer_max_new_tokens, num_beams
@@ -93,26 +115,41 @@ class Stage2System(MultimodalEval, EmuSystem):
 
     def _forward(self, batch: dict, own: tuple[Tensor, Tensor] | None = None
                  ) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
-        """Losses and their pieces. `own` = (P,D_tgt) predictions and a (P,) mask: the input rows of the regressed
-        `<image>` positions the mask selects read `feedback(prediction)` instead of the true embedding."""
+        """Losses and their pieces. `own` = (P,D_tgt) predictions (regression space) and a (P,) mask: the input
+        rows of the regressed `<image>` positions the mask selects read `feedback(prediction)` instead of the
+        true embedding."""
         ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
         with torch.no_grad():                                          # frozen encoder (policy-checked)
             feats = self.encoder(pixels) if len(pixels) else None     # (n,L,D_enc)
         D = self.llm.hidden_dim
         visual = self.adapter(feats) if feats is not None else pixels.new_zeros(0, self.num_image_tokens, D)
         embeds = self.embed_multimodal(ids, visual)                    # (B,T,D_llm)
-        pos, target = self.regression_pairs(ids, embeds, feats, visual, batch["regress_images"])
-        inputs = embeds if own is None else self._feed_own(embeds, ids, pos, *own)
+        head = self.regression_head
+        rows, target = self.regression_pairs(ids, embeds, feats, visual, batch["regress_images"])
+        pos = head.predicting(rows)                                    # (B,T) hidden positions, target order
+        inputs = head.read_inputs(embeds, rows & (ids == self.ids.image), self.training)
+        if own is not None:
+            inputs = self._feed_own(inputs, ids, pos, *own)
         hidden, _ = self.llm(inputs, mask)                             # (B,T,D_llm) after the final norm
         ce = token_ce(self.llm.logits(hidden), batch["labels"])        # (B,T-1)
         is_text = batch["labels"][:, 1:] != -100                       # (B,T-1) positions with a CE target
-        pred = self.regression_head(hidden[:, :-1][pos])               # (P,D_tgt)
-        reg = regression_loss(pred, target)
+        pred = head.regress(hidden[pos])                               # (P,D_tgt) regression space
+        norm_target = head.normalize(target)
+        reg = regression_loss(pred, norm_target, self.objective)
         text = ce[is_text].mean() if is_text.any() else ce.sum() * 0.0
         out = {"text_loss": text, **reg, "loss": self.text_weight * text + self.regression_weight * reg["regression_loss"]}
-        if self.target_space == "adapter" and len(target) > 1:
-            out["target_var"] = target.detach().float().var(0).mean()  # Emu1 targets train: watch for collapse
-        return out, (ce, is_text, pos, pred, target)
+        out.update(self.collapse_readings(head.denormalize(pred.detach()), target))
+        return out, (ce, is_text, pos, pred, norm_target)
+
+    @staticmethod
+    def collapse_readings(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Mean ℓ2 norms and mean per-dimension variances of (P,D_tgt) predictions and targets (target space): a
+        prediction variance far below the target's is the regression collapsing toward the conditional mean."""
+        if len(target) < 2:
+            return {}
+        p, t = pred.float(), target.detach().float()
+        return {"pred_norm": p.norm(dim=-1).mean(), "target_norm": t.norm(dim=-1).mean(),
+                "pred_var": p.var(0).mean(), "target_var": t.var(0).mean()}
 
     def _feed_own(self, embeds: Tensor, ids: Tensor, pos: Tensor, pred: Tensor, chosen: Tensor) -> Tensor:
         """`embeds` with the `<image>` row after each chosen predicting position replaced by `feedback(pred)` (what
@@ -122,7 +159,7 @@ class Stage2System(MultimodalEval, EmuSystem):
         chosen = chosen & (ids[where[:, 0], where[:, 1] + 1] == self.ids.image)
         rows, cols = where[chosen, 0], where[chosen, 1] + 1
         out = embeds.clone()
-        out[rows, cols] = self.feedback(pred[chosen]).to(embeds.dtype)
+        out[rows, cols] = self.feedback(self.regression_head.denormalize(pred[chosen])).to(embeds.dtype)
         return out
 
     @staticmethod
@@ -144,18 +181,52 @@ class Stage2System(MultimodalEval, EmuSystem):
 
     def regression_pairs(self, ids: Tensor, embeds: Tensor, feats: Tensor | None, visual: Tensor,
                          regress: Tensor) -> tuple[Tensor, Tensor]:
-        """(B,T-1) mask of predicting positions and the (P,D_tgt) targets, in the same row-major order."""
+        """(B,T) mask of the regressed rows (the `<image>` rows of regressed images, and for Emu1's autoregressive
+        head the `[/IMG]` after each) and their (P,D_tgt) targets, in the same row-major order. The head maps the
+        rows to the hidden positions that predict them (`predicting`)."""
         run = image_run_index(ids, self.ids.image)                     # (B,T) image of each <image>, else -1
+        if not self.regression_head.feeds_back:
+            # A head that replaces the image it regresses reads an image that opens a document instead: nothing
+            # conditions it, and the text after it needs to see it (captioning).
+            regress = regress.clone()
+            opens = run[:, 2][(ids[:, 1] == self.ids.img) & (run[:, 2] >= 0)]
+            regress[opens] = False
         regress = torch.cat([regress, regress.new_zeros(1)])           # index -1 (not an image) reads False
-        pos = regress[run[:, 1:]]                                       # (B,T-1): t predicts the <image> at t+1
+        rows = regress[run]                                             # (B,T)
         if self.target_space == "adapter":
-            # Emu1: <image>_N predicts the [/IMG] row as well; targets are the input rows at t+1 themselves.
-            pos = pos | ((ids[:, 1:] == self.ids.img_end) & regress[run[:, :-1]])
-            return pos, embeds[:, 1:][pos].detach()                    # (P,D_llm)
+            if self.regression_head.feeds_back:
+                # Emu1: <image>_N predicts the [/IMG] row as well; targets are the input rows themselves.
+                rows = rows.clone()
+                rows[:, 1:] |= (ids[:, 1:] == self.ids.img_end) & regress[run[:, :-1]]
+            return rows, embeds[rows].detach()                          # (P,D_llm)
         if feats is None:
-            return pos, embeds.new_zeros(0, self.regression_head.out_dim)
+            return rows, embeds.new_zeros(0, self.regression_head.out_dim)
         targets = self.visual_targets(feats, visual)[regress[:-1]]     # (n_regressed,N,D_enc), reading order
-        return pos, targets.reshape(-1, targets.shape[-1]).detach()
+        return rows, targets.reshape(-1, targets.shape[-1]).detach()
+
+    @torch.no_grad()
+    def fit_whitening(self) -> None:
+        """Estimate the head's target whitening from `whiten_batches` training batches (see `ProjectionHead`)."""
+        loader = self.trainer.datamodule.train_dataloader()
+        found = []
+        for i, batch in enumerate(loader):
+            if i >= self.whiten_batches:
+                break
+            pixels = batch["pixel_values"].to(self.device)
+            if not len(pixels):
+                continue
+            feats = self.encoder(pixels)
+            found.append(self.visual_targets(feats, self.adapter(feats))[batch["regress_images"].to(self.device)])
+        targets = torch.cat(found).flatten(0, 1) if found else torch.zeros(0)
+        if len(targets) < 2:
+            raise ValueError(f"whitening found {len(targets)} regressed visual embeddings in {self.whiten_batches} "
+                             f"training batches (model.init_args.whiten_batches): the data regresses no images")
+        self.regression_head.fit_whitening(targets)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if not self.regression_head.whitening_ready:   # a resumed run already holds its statistics
+            self.fit_whitening()
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         losses, per_source = self.losses(batch)
@@ -191,10 +262,10 @@ class Stage2System(MultimodalEval, EmuSystem):
 
     @torch.no_grad()
     def generate_image_embeddings(self, docs: list[list[tuple[str, Any]]], use_cache: bool = True) -> Tensor:
-        """Prompts as segment lists → (B,N,D_tgt) regressed embeddings of the image after `[IMG]` (spec §5)."""
+        """Prompts as segment lists → (B,N,D_tgt) embeddings of the image after `[IMG]` (spec §5), in the target
+        space, by the head's loop."""
         embeds, mask = self._prompt(docs, [self.ids.img])
-        generate = generate_visual_cached if use_cache else generate_visual_reference
-        return generate(self.llm, self.regression_head, self.feedback, embeds, mask, self.num_image_tokens)
+        return self.regression_head.generate(self.llm, self.feedback, embeds, mask, self.num_image_tokens, use_cache)
 
     @torch.no_grad()
     def generate_text(self, docs: list[list[tuple[str, Any]]], max_new_tokens: int, num_beams: int = 1) -> list[str]:
