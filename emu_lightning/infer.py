@@ -155,19 +155,25 @@ class Conversation:
         return reply
 
 
-def _decoder_pipeline(args: argparse.Namespace, generator: Any = None):
+def load_decoder(path: str | Path, config: str | Path | None = None) -> Any:
+    """A visual decoder in eval mode: a decoder run (directory or `.ckpt`) or a `decoder_export` folder."""
     from emu_lightning.decoder_export import META, load_exported_decoder
-    from emu_lightning.pipelines import EmuImagePipeline
     from emu_lightning.systems.decoder import DecoderSystem
+
+    if (Path(path) / META).is_file():                           # an `export_decoder` folder (plain diffusers UNet)
+        return load_exported_decoder(path)
+    decoder = load_model(path, config)
+    if not isinstance(decoder, DecoderSystem):
+        raise ValueError(f"decoder {path} holds a {type(decoder).__name__}, not a visual decoder run")
+    return decoder
+
+
+def _decoder_pipeline(args: argparse.Namespace, generator: Any = None):
+    from emu_lightning.pipelines import EmuImagePipeline
 
     if not args.decoder:
         raise ValueError(f"{args.command} needs --decoder <decoder run directory, .ckpt or export folder>")
-    if (Path(args.decoder) / META).is_file():                 # an `export_decoder` folder (plain diffusers UNet)
-        return EmuImagePipeline(load_exported_decoder(args.decoder), generator)
-    decoder = load_model(args.decoder, args.decoder_config)
-    if not isinstance(decoder, DecoderSystem):
-        raise ValueError(f"--decoder {args.decoder} holds a {type(decoder).__name__}, not a visual decoder run")
-    return EmuImagePipeline(decoder, generator)
+    return EmuImagePipeline(load_decoder(args.decoder, args.decoder_config), generator)
 
 
 def _save_images(images: torch.Tensor, out: Path, stem: str) -> list[str]:

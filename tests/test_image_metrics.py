@@ -67,6 +67,10 @@ def test_semantic_accuracy_exact_counts():
     out = metric.compute()
     assert out["color"].item() == pytest.approx(1 / 2) and out["shape"].item() == pytest.approx(1 / 2)
     assert out["both"].item() == 0.0 and out["empty"].item() == pytest.approx(6 / 7)
+    assert out["position"].item() == 1.0                      # both objects drawn in their cells
+    missing = SemanticAccuracy(FixedLogits([4, 6, 6, 6, 6, 6, 6, 6, 6], color))   # cell 4 left empty
+    missing.update(torch.rand(1, 3, 32, 32), [SCENE])
+    assert missing.compute()["position"].item() == pytest.approx(1 / 2)
     # A perfect prediction of a second batch: sums accumulate over updates.
     perfect = SemanticAccuracy(FixedLogits([4, 6, 6, 6, 5, 6, 6, 6, 6], [0, 6, 6, 6, 2, 6, 6, 6, 6]))
     perfect.update(torch.rand(2, 3, 32, 32), [SCENE, SCENE])

@@ -243,8 +243,9 @@ def load_or_train_scene_classifier(path: str | Path, image_size: int = 32, steps
 class SemanticAccuracy(Metric):
     """Per-object color / shape accuracy of images of known scenes, read by a frozen `SceneClassifier`.
 
-    ``compute()`` gives ``color``, ``shape`` and ``both`` (fractions of ground-truth objects) and ``empty``
-    (fraction of empty cells where both heads say empty). The classifier is kept in a tuple, so it is not
+    ``compute()`` gives ``color``, ``shape`` and ``both`` (fractions of ground-truth objects), ``position``
+    (fraction of ground-truth objects whose cell holds some object by the shape head: drawn in the right place,
+    whatever its attributes) and ``empty`` (fraction of empty cells where both heads say empty). The classifier is kept in a tuple, so it is not
     a submodule: it never appears in the parameters or ``state_dict`` of a module holding this metric. It
     is moved to the images' device and set to eval mode on each ``update``.
 
@@ -260,7 +261,8 @@ class SemanticAccuracy(Metric):
     def __init__(self, classifier: nn.Module, **kwargs) -> None:
         super().__init__(**kwargs)
         self._classifier = (classifier.eval().requires_grad_(False),)
-        for name in ("color_hits", "shape_hits", "both_hits", "objects", "empty_hits", "empty_cells"):
+        for name in ("color_hits", "shape_hits", "both_hits", "position_hits", "objects", "empty_hits",
+                     "empty_cells"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, images: Tensor, scenes: list[Scene]) -> None:
@@ -275,14 +277,15 @@ class SemanticAccuracy(Metric):
         self.color_hits += color_ok[obj].sum()
         self.shape_hits += shape_ok[obj].sum()
         self.both_hits += (shape_ok & color_ok)[obj].sum()
+        self.position_hits += (pred_shape != EMPTY)[obj].sum()
         self.objects += obj.sum()
         self.empty_hits += ((pred_shape == EMPTY) & (pred_color == EMPTY))[~obj].sum()
         self.empty_cells += (~obj).sum()
 
     def compute(self) -> dict[str, Tensor]:
-        """``{"color", "shape", "both", "empty"}`` float32 accuracies."""
+        """``{"color", "shape", "both", "position", "empty"}`` float32 accuracies."""
         if self.objects == 0:
             raise ValueError("SemanticAccuracy has no objects: call update() with scenes before compute()")
-        out = {k: getattr(self, f"{k}_hits") / self.objects for k in ("color", "shape", "both")}
+        out = {k: getattr(self, f"{k}_hits") / self.objects for k in ("color", "shape", "both", "position")}
         out["empty"] = self.empty_hits / self.empty_cells.clamp(min=1)
         return {k: v.float() for k, v in out.items()}

@@ -7,7 +7,10 @@ Per named evaluation set, logged as `<set>/<metric>`:
   of free generation — the caption prompts `[IMG]`, N embeddings are generated with the KV cache and compared
   with the encoder's (`gen_cos`, `gen_mse`);
 - VQA sets: `vqa_acc_k{k}_{selection}` (official normalisation, leave-one-out soft accuracy);
-- video sets with questions: `videoqa_acc_k{k}_{selection}`.
+- video sets with questions: `videoqa_acc_k{k}_{selection}`;
+- with `eval_decoder` and `eval_judge` (the system's arguments), every text → image set also decodes the generated
+  embeddings and scores the images with the frozen scene judge: `t2i_{color,shape,both,position,empty}`, and
+  keeps `eval_images` rows (real | generated) for the image-grid callback.
 Demonstrations come from the datamodule's `demo_pool(<set>)`: seeded random, or RICES by frozen-encoder cosine.
 """
 from __future__ import annotations
@@ -86,16 +89,34 @@ class MultimodalEval:
                         preds = self.generate_text(prompts, self.answer_max_new_tokens, self.num_beams)
                         metric.update([first_answer(p) for p in preds], [s["answers"] for s in samples])
         if batch["layout"] == "pair":  # text → image: regress the image from its caption, compare with the encoder
-            self._gen_metric(name, [[("text", s["captions"][0])] for s in samples], batch["pixel_values"])
+            self._gen_metric(name, [[("text", s["captions"][0])] for s in samples], batch["pixel_values"],
+                             [s.get("scene") for s in samples])
 
-    def _gen_metric(self, name: str, prompts: list, pixel_values: Tensor) -> None:
-        """`<name>/gen_*`: the embeddings generated from `prompts` (KV cache, own outputs fed back) against the
-        regression targets of the (B,3,H,W) images they should depict."""
+    def _gen_metric(self, name: str, prompts: list, pixel_values: Tensor, scenes: list | None = None) -> None:
+        """`<name>/gen_*`: the embeddings generated from `prompts` (the head's loop) against the regression targets
+        of the (B,3,H,W) images they should depict; `<name>/t2i_*` when a decoder and a judge are named."""
         generated = self.generate_image_embeddings(prompts)                                 # (B,N,D_tgt)
         with torch.no_grad():
             feats = self.encoder(pixel_values.to(self.device))
             target = self.visual_targets(feats, self.adapter(feats))
         self._eval_metric(f"{name}|gen", EmbeddingSimilarity).update(generated, target)
+        decoder, judge = self.eval_generation_parts()
+        if decoder is None or not scenes or any(sc is None for sc in scenes):
+            return
+        from emu_lightning.data.datamodule import denormalize
+        from emu_lightning.metrics.semantic import SemanticAccuracy
+
+        images = decoder.to(self.device).decode(generated, guidance=self.eval_guidance, steps=self.eval_sample_steps,
+                                                 generator=torch.Generator().manual_seed(0))      # (B,3,S,S) [0,1]
+        self._eval_metric(f"{name}|t2i", lambda: SemanticAccuracy(judge)).update(images, scenes)
+        rows = self.__dict__.setdefault("eval_images", {}).setdefault(name, [])
+        if not rows:
+            rows += [denormalize(pixel_values[:8]).cpu(), images[:8].cpu()]
+
+    def eval_generation_parts(self) -> tuple:
+        """(decoder, judge) for judged text-to-image evaluation, or (None, None): see the system's arguments."""
+        parts = getattr(self, "_eval_generation", None)
+        return tuple(parts) if parts else (None, None)
 
     def _eval_epoch_end(self) -> None:
         for key, metric in getattr(self, "eval_metrics", {}).items():
@@ -112,9 +133,11 @@ class MultimodalEval:
 
     def on_validation_epoch_start(self) -> None:
         self.eval_samples: dict[str, list] = {}
+        self.eval_images: dict[str, list] = {}
 
     def on_test_epoch_start(self) -> None:
         self.eval_samples = {}
+        self.eval_images = {}
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, self._names("val")[dataloader_idx])

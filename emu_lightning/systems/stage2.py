@@ -58,6 +58,11 @@ class Stage2System(MultimodalEval, EmuSystem):
         max_new_tokens: longest generated caption; answers get `answer_max_new_tokens`.
         answer_max_new_tokens: longest generated VQA answer (Emu2: 10).
         num_beams: beams of few-shot decoding (spec: 5; 1 = greedy, the CPU default of debug recipes).
+        eval_decoder: a trained visual decoder (run directory, checkpoint or `decoder_export` folder) conditioned on
+            this model's target space: evaluation then decodes text → image and judges it (`<set>/t2i_*`).
+            Frozen and kept out of this system's checkpoint; checked against the head at start-up.
+        eval_judge: the frozen scene classifier (safetensors, `benchmarks/scene_classifier.py`) that judges them.
+        eval_guidance, eval_sample_steps: sampling of those images (None = the decoder's recipe values).
     """
 
     def __init__(self, *args: Any, regression_head: ProjectionHead, target_space: str = "pooled",
@@ -65,7 +70,9 @@ class Stage2System(MultimodalEval, EmuSystem):
                  whiten_batches: int = 8, init_from: str | None = None,
                  handoff: dict[str, str] | None = None, shots: list[int] = (0, 2, 4, 8),
                  video_shots: list[int] = (0, 2), selection: list[str] = ("random", "rices"),
-                 max_new_tokens: int = 48, answer_max_new_tokens: int = 10, num_beams: int = 1, **kwargs: Any):
+                 max_new_tokens: int = 48, answer_max_new_tokens: int = 10, num_beams: int = 1,
+                 eval_decoder: str | None = None, eval_judge: str | None = None, eval_guidance: float | None = None,
+                 eval_sample_steps: int | None = None, **kwargs: Any):
         super().__init__(*args, extra_parts={"regression_head": regression_head}, **kwargs)
         if "encoder" in self.policy.trainable:
             raise ValueError("stage 2 trains with the encoder frozen (EMU_SPEC §3): remove 'encoder' from "
@@ -95,6 +102,19 @@ class Stage2System(MultimodalEval, EmuSystem):
         self.max_new_tokens, self.answer_max_new_tokens, self.num_beams = max_new_tokens, answer_max_new_tokens, num_beams
         self.counters = {"truncated": 0, "skipped": 0}
         self.eval_samples: dict[str, list] = {}  # set → [(image, zero-shot caption, reference)] for SampleLog
+        self.eval_guidance, self.eval_sample_steps = eval_guidance, eval_sample_steps
+        self._eval_generation: list = []          # [decoder, judge]: in a list, so neither becomes a submodule
+        if bool(eval_decoder) != bool(eval_judge):
+            raise ValueError(f"judged text-to-image evaluation needs both eval_decoder and eval_judge; got "
+                             f"eval_decoder={eval_decoder!r}, eval_judge={eval_judge!r}")
+        if eval_decoder:   # loaded now: a decoder that does not fit stops the run before any data is read
+            from emu_lightning.infer import load_decoder
+            from emu_lightning.metrics.semantic import load_scene_classifier
+            from emu_lightning.systems.decoder import check_pairing
+
+            decoder = load_decoder(eval_decoder).eval().requires_grad_(False)
+            check_pairing(self, decoder.unet, decoder.condition_kind, f"this model ({type(regression_head).__name__})")
+            self._eval_generation = [decoder, load_scene_classifier(eval_judge).eval().requires_grad_(False)]
 
     def feedback(self, pred: Tensor) -> Tensor:
         """A regressed embedding → the next input embedding (Emu1: itself; Emu2: project_up(project_down(h)))."""
