@@ -1,0 +1,114 @@
+"""Text-to-image benchmark: caption → stage-2 model (its generation head) → visual decoder → image, judged by the
+frozen scene classifier, on the first N val and N heldout captions (caption 0 of each synthetic scene).
+
+Per arm and split: the judge's per-object `color`, `shape`, `both`, `position` and `empty` accuracies; the
+free-generation cosine / MSE of the generated embeddings against the encoder's embeddings of the true image
+(`gen_cos`, `gen_mse`); and seconds per image for the embeddings and for the whole chain.
+
+    python benchmarks/scene_classifier.py --image-size 32                          # once: the frozen judge
+    python benchmarks/text_to_image.py --arm queries-mse/s0/decoder-base \
+        --stage2 <t2i run dir> --decoder <decoder_t2i run dir> [--n 256 --guidance 1.0 --steps 10]
+    python benchmarks/text_to_image.py --report                                      # the markdown table
+
+Results merge into benchmarks/results/text_to_image.json (arm → split → metric) and a grid per arm (real |
+generated, 12 each per split) goes to benchmarks/results/text_to_image/<arm>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from decoder_learning import CLASSIFIER, scenes_batch
+from stage1_learning import machine
+
+RESULTS = Path(__file__).resolve().parent / "results"
+JSON = RESULTS / "text_to_image.json"
+COLUMNS = ("color", "shape", "both", "position", "gen_cos", "sec_per_image")
+
+
+@torch.no_grad()
+def evaluate(stage2: str, decoder: str, n: int, guidance: float, steps: int, batch: int = 64) -> dict:
+    from emu_lightning.infer import load_decoder, load_model
+    from emu_lightning.metrics.embedding import EmbeddingSimilarity
+    from emu_lightning.metrics.semantic import SemanticAccuracy, load_scene_classifier, resize
+    from emu_lightning.pipelines import EmuImagePipeline
+
+    generator, dec = load_model(stage2), load_decoder(decoder)
+    pipe, judge = EmuImagePipeline(dec, generator), load_scene_classifier(CLASSIFIER).eval()
+    out: dict = {"meta": {"stage2": stage2, "decoder": decoder, "n": n, "guidance": guidance, "steps": steps,
+                          "head": type(generator.regression_head).__name__, "objective": generator.objective,
+                          "date": time.strftime("%Y-%m-%d"), "machine": machine()}}
+    grids = []
+    for split in ("val", "heldout"):
+        x, scenes, captions = scenes_batch(split, n)
+        sem, sim = SemanticAccuracy(judge), EmbeddingSimilarity()
+        t_embed = t_all = 0.0
+        images = []
+        for i in range(0, n, batch):
+            t0 = time.time()
+            cond = generator.generate_image_embeddings([[("text", c)] for c in captions[i:i + batch]])
+            t_embed += time.time() - t0
+            feats = generator.encoder(x[i:i + batch])
+            sim.update(cond, generator.visual_targets(feats, generator.adapter(feats)))
+            null = generator.generate_image_embeddings([[("text", "")]])
+            images.append(dec.decode(cond, guidance=guidance, steps=steps, null=null,
+                                     generator=torch.Generator().manual_seed(i)))
+            t_all += time.time() - t0
+        images = torch.cat(images)
+        sem.update(images, scenes)
+        out[split] = {**{k: round(float(v), 4) for k, v in sem.compute().items()},
+                      **{f"gen_{k}": round(float(v), 4) for k, v in sim.compute().items()},
+                      "sec_per_embedding": round(t_embed / n, 4), "sec_per_image": round(t_all / n, 4)}
+        real = resize((dec.target_images(x[:12]) + 1) / 2, dec.image_size) if hasattr(dec, "target_images") else None
+        grids += ([real] if real is not None else []) + [images[:12]]
+        print(split, out[split], flush=True)
+    return out, grids
+
+
+def report() -> str:
+    rows = json.loads(JSON.read_text()) if JSON.is_file() else {}
+    head = "| arm | split | " + " | ".join(COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for arm, res in rows.items():
+        for split in ("val", "heldout"):
+            vals = [res.get(split, {}).get(c) for c in COLUMNS]
+            lines.append(f"| {arm} | {split} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arm", help="name of the arm in the results (e.g. queries-mse/s0/decoder-base)")
+    p.add_argument("--stage2", help="stage-2 / Gen run directory, checkpoint or export folder")
+    p.add_argument("--decoder", help="decoder run directory, checkpoint or export folder")
+    p.add_argument("--n", type=int, default=256, help="captions per split")
+    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=10, help="DDIM steps")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--report", action="store_true")
+    a = p.parse_args()
+    if a.report:
+        print(report())
+        return
+    if not (a.arm and a.stage2 and a.decoder):
+        p.error("--arm, --stage2 and --decoder are required (or --report)")
+    torch.set_num_threads(a.threads)
+    res, grids = evaluate(a.stage2, a.decoder, a.n, a.guidance, a.steps)
+    RESULTS.mkdir(exist_ok=True)
+    rows = json.loads(JSON.read_text()) if JSON.is_file() else {}
+    rows[a.arm] = res
+    JSON.write_text(json.dumps(rows, indent=1))
+    from torchvision.utils import make_grid, save_image
+
+    png = RESULTS / "text_to_image" / f"{a.arm.replace('/', '_')}.png"
+    png.parent.mkdir(exist_ok=True)
+    save_image(make_grid(torch.cat(grids).clamp(0, 1), nrow=12, padding=1), png)
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
