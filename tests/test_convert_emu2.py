@@ -123,7 +123,9 @@ def build(dst: Path):
 def test_converted_model_computes_what_the_release_computes(converted, tmp_path):
     state, config, dst, _ = converted
     system = build(dst)
-    pixels = torch.randn(2, 3, EVA["image"], EVA["image"])
+    # Seeded: the result must not depend on what earlier tests drew. Two fp32 implementations of the same ViT sum
+    # in different orders; differences of ~2e-5 on O(1) features were seen, hence atol 5e-5 on the encoder.
+    pixels = torch.randn(2, 3, EVA["image"], EVA["image"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         # emu.py encode_image: visual → drop CLS → (b,c,s,s) → avg_pool2d(k = s = stride) → (b, n_query, c)
         feats = released_forward_eva(state, "visual.", pixels, postnorm=True)[:, 1:]
@@ -131,7 +133,7 @@ def test_converted_model_computes_what_the_release_computes(converted, tmp_path)
         side = int(n ** 0.5)
         grid = feats.permute(0, 2, 1).reshape(b, c, side, side)
         pooled = F.avg_pool2d(grid, kernel_size=side // GRID, stride=side // GRID).reshape(b, c, -1).permute(0, 2, 1)
-        torch.testing.assert_close(system.encoder(pixels), feats, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(system.encoder(pixels), feats, rtol=1e-5, atol=5e-5)
         torch.testing.assert_close(system.adapter.pool(system.encoder(pixels)), pooled, rtol=1e-5, atol=1e-5)
         visual = F.linear(pooled, state["decoder.lm.project_up.weight"])
         torch.testing.assert_close(system.encode_images(pixels), visual, rtol=1e-5, atol=1e-5)

@@ -267,7 +267,13 @@ def test_builtin_sweeps_instantiate_every_configuration(sweep_file, tmp_path):
             if isinstance(value, str) and value.endswith(".yaml"):          # a fragment: its class is built
                 fragment = yaml.safe_load((sweep_file.parent / value).read_text())
                 assert got.class_path == fragment["class_path"]
-                assert type(cli.model.adapter).__name__ == fragment["class_path"].rsplit(".", 1)[-1]
+                part = getattr(cli.model, key.rsplit(".", 1)[-1])              # the part the key names
+                assert type(part).__name__ == fragment["class_path"].rsplit(".", 1)[-1]
+            elif isinstance(value, dict) and "class_path" in value:              # an inline component
+                assert got.class_path == value["class_path"]
+                assert {k: got.init_args[k] for k in value.get("init_args", {})} == value.get("init_args", {})
+                part = getattr(cli.model, key.rsplit(".", 1)[-1])
+                assert type(part).__name__ == value["class_path"].rsplit(".", 1)[-1]
             else:
                 assert (list(got) if isinstance(value, list) else got) == value, (run.name, key, got)
         adapter = cli.config["model.init_args.adapter.init_args"]
