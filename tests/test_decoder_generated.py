@@ -89,3 +89,23 @@ def test_a_generator_that_does_not_fit_is_refused_naming_both_sides(tmp_path):
         tiny_decoder(generator=str(emu1), generated_p=1.0)
     with pytest.raises(ValueError, match="generated_p=0.5 needs a generator"):
         tiny_decoder(generated_p=0.5)
+
+
+def test_a_unet_handoff_starts_the_ema_from_the_loaded_weights(tmp_path):
+    trained = tiny_decoder(ema_decay=0.99)
+    with torch.no_grad():
+        for p in trained.unet.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    torch.save({"state_dict": trained.state_dict()}, tmp_path / "d.ckpt")
+    tuned = tiny_decoder(ema_decay=0.99, init_from=str(tmp_path / "d.ckpt"),
+                         handoff={"encoder": "encoder", "adapter": "adapter", "unet": "unet"})
+    first = next(iter(trained.unet.state_dict()))
+    assert not torch.equal(tuned.ema.state_dict()[first], trained.unet.state_dict()[first])   # before the hand-off
+    tuned.setup("fit")
+    for k, v in trained.unet.state_dict().items():
+        assert torch.equal(tuned.ema.state_dict()[k], v), k
+    # Without the UNet in the hand-off the EMA stays the constructed one (and equals the fresh UNet).
+    fresh = tiny_decoder(ema_decay=0.99, init_from=str(tmp_path / "d.ckpt"))
+    fresh.setup("fit")
+    for k, v in fresh.unet.state_dict().items():
+        assert torch.equal(fresh.ema.state_dict()[k], v), k

@@ -156,6 +156,14 @@ class DecoderSystem(PartsSystem):
 
     # --- parts and conditions -------------------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        fresh = self.handoff_report is None
+        super().setup(stage)
+        # A hand-off that loads the UNet (tuning an earlier decoder run) starts the EMA from it too; otherwise
+        # the EMA, copied from the random UNet at construction, would sample garbage for ~1/(1-decay) steps.
+        if fresh and self.ema is not None and self.handoff_report is not None and "unet" in self.handoff_report.loaded:
+            self.ema.load_state_dict(self.unet.state_dict())
+
     @property
     def parts(self) -> dict[str, nn.Module]:
         parts = {"encoder": self.encoder, "adapter": self.adapter, "unet": self.unet}
