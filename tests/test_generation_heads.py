@@ -201,3 +201,17 @@ def test_refusals_name_both_sides():
                   self_feedback=0.5)
     with pytest.raises(ValueError, match="noise levels"):
         AutoregressiveHead(64, 64, noise_max=-1.0)
+
+
+def test_no_regressed_position_gives_a_zero_loss_and_no_readings():
+    pred = torch.zeros(0, 8, requires_grad=True)
+    out = regression_loss(pred, torch.zeros(0, 8), "mse+cosine")
+    assert set(out) == {"regression_loss"} and out["regression_loss"].item() == 0.0
+    out["regression_loss"].backward()          # still part of the graph
+    # A queries model evaluated on image-first pairs regresses nothing there: no regression_cos of 0 is logged.
+    system = _queries().eval()
+    from emu_lightning.data.sequence import SequenceCollator
+
+    docs = [{"id": "p", "source": "pairs", "segments": [("image", _img(1)), ("text", "a blue square.")]}]
+    losses, _ = system.losses(SequenceCollator(system.tokenizer, system.num_image_tokens, max_length=64)(docs))
+    assert "regression_cos" not in losses and losses["regression_loss"].item() == 0.0

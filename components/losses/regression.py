@@ -21,7 +21,8 @@ def regression_loss(pred: Tensor, target: Tensor, objective: str = "mse") -> dic
 
     Returns:
         `{"regression_loss", "regression_mse", "regression_cos"}` (scalars); the loss is the objective, the other
-        two are readings (detached). With P = 0 the loss is a graph-connected 0.
+        two are readings (detached). With P = 0 the loss is a graph-connected 0 and there are no readings (a 0
+        cosine would read as a failure where nothing was measured).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"regression objective {objective!r}; expected one of {OBJECTIVES}")
@@ -29,8 +30,7 @@ def regression_loss(pred: Tensor, target: Tensor, objective: str = "mse") -> dic
         raise ValueError(f"regression pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     target = target.detach()
     if pred.shape[0] == 0:
-        zero = pred.sum() * 0.0
-        return {"regression_loss": zero, "regression_mse": zero.detach(), "regression_cos": zero.detach()}
+        return {"regression_loss": pred.sum() * 0.0}
     mse = (pred.float() - target.float()).pow(2).mean(-1).mean()                 # mean over P × D
     cos = F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()       # mean over P
     loss = {"mse": mse, "cosine": 1 - cos, "mse+cosine": mse + 1 - cos}[objective]
