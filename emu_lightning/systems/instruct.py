@@ -121,4 +121,6 @@ class GenSystem(Stage2System):
         samples = batch["samples"]
         self._eval_losses(batch, name)
         layout = self.trainer.datamodule.layout("gen", train=False)
-        self._gen_metric(name, [gen_prompt(layout(s)) for s in samples], torch.stack([s["image"] for s in samples]))
+        # With eval_decoder + eval_judge this also judges the images, reference-image (in-context) items included.
+        self._gen_metric(name, [gen_prompt(layout(s)) for s in samples], torch.stack([s["image"] for s in samples]),
+                         [s.get("scene") for s in samples])
