@@ -16,6 +16,7 @@ generated, 12 each per split) goes to benchmarks/results/text_to_image/<arm>.png
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -99,9 +100,11 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     res, grids = evaluate(a.stage2, a.decoder, a.n, a.guidance, a.steps)
     RESULTS.mkdir(exist_ok=True)
-    rows = json.loads(JSON.read_text()) if JSON.is_file() else {}
-    rows[a.arm] = res
-    JSON.write_text(json.dumps(rows, indent=1))
+    with open(RESULTS / ".text_to_image.lock", "w") as lock:   # arms evaluated in parallel merge one at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(JSON.read_text()) if JSON.is_file() else {}
+        rows[a.arm] = res
+        JSON.write_text(json.dumps(rows, indent=1))
     from torchvision.utils import make_grid, save_image
 
     png = RESULTS / "text_to_image" / f"{a.arm.replace('/', '_')}.png"
