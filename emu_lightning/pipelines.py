@@ -160,7 +160,9 @@ def load_system(run_dir_or_config: str | Path, ckpt: str | Path | None = None,
     The saved config is the `fit` subcommand's (it holds `ckpt_path`, `weights_only` and the data); with
     `run=False` the CLI has no subcommand and rejects those keys, so only `model` is kept, parsed by the same
     `cli_main(..., run=False)` (every `class_path` and link as in training) next to an inert CPU trainer.
-    `init_from` is cleared: its hand-off only runs in `setup()`, and the checkpoint holds every weight anyway.
+    `init_from` is cleared: its hand-off only runs in `setup()`, and the checkpoint holds every weight anyway. So
+    are the other runs a training run only reads (a decoder's `generator`, a stage-2 model's `eval_decoder` and
+    `eval_judge`): the trained system needs none of them, and their relative paths may not resolve from here.
 
     Args:
         run_dir_or_config: a run directory (`config.yaml`, `checkpoints/last.ckpt`) or its config.yaml.
@@ -182,8 +184,10 @@ def load_system(run_dir_or_config: str | Path, ckpt: str | Path | None = None,
     if "model" not in saved:
         raise ValueError(f"{config_path} has no 'model' section; top-level keys are {sorted(saved)}")
     model = saved["model"]
-    if "init_from" in model.get("init_args", {}):
-        model["init_args"]["init_from"] = None
+    cleared = {"init_from": None, "generator": None, "generated_p": 0.0, "eval_decoder": None, "eval_judge": None}
+    for key, value in cleared.items():
+        if key in model.get("init_args", {}):
+            model["init_args"][key] = value
     if tokenizer is not None:
         model.setdefault("init_args", {})["tokenizer"] = tokenizer
     args = {"model": model, "trainer": {**_INERT_TRAINER, "callbacks": []}, "seed_everything": False}

@@ -86,7 +86,7 @@ def test_decoder_tunes_on_generated_embeddings_of_a_t2i_run(chain, monkeypatch):
              "model": {"init_args": {"sample_steps": 2, "semantic_classifier": str(judge),
                                      "init_from": str(decoder / "checkpoints" / "last.ckpt"),
                                      "handoff": {"encoder": "encoder", "adapter": "adapter", "unet": "unet"},
-                                     "generator": str(gen_run), "generated_p": 0.5}},
+                                     "generator": str(gen_run.relative_to(tmp)), "generated_p": 0.5}},
              "data": {"init_args": {"val": {"val": _small("val")}, "batch_size": 4, "eval_batch_size": 4,
                                     "num_workers": 0}}}
     cli = cli_main(["fit", "--config", str(DEBUG / "decoder_t2i.yaml"), "--config", _write(tmp / "dg.yaml", tuned)])
@@ -94,6 +94,12 @@ def test_decoder_tunes_on_generated_embeddings_of_a_t2i_run(chain, monkeypatch):
     for key in ("train/loss", "val/semantic_color", "val/t2i_color", "val/t2i_shape"):
         assert key in metrics and torch.isfinite(metrics[key]), (key, sorted(metrics))
     assert set(cli.model.handoff_report.loaded) == {"encoder", "adapter", "unet"}
+    # Inference rebuilds the tuned decoder from anywhere: the generator (a relative path here) is training-only.
+    from emu_lightning.infer import load_decoder
+
+    monkeypatch.chdir(tmp.parent)
+    loaded = load_decoder(str(cli.trainer.log_dir))
+    assert not loaded._generator and loaded.generated_p == 0.0
 
 
 @pytest.mark.parametrize("recipe", ["emu1/stage2.yaml", "emu2/stage2.yaml", "emu2/gen.yaml", "debug/stage2_meanpool.yaml",
