@@ -36,10 +36,12 @@ def evaluate(stage2: str, decoder: str, n: int, guidance: float, steps: int, bat
     from emu_lightning.infer import load_decoder, load_model
     from emu_lightning.metrics.embedding import EmbeddingSimilarity
     from emu_lightning.metrics.semantic import SemanticAccuracy, load_scene_classifier, resize
-    from emu_lightning.pipelines import EmuImagePipeline
+    from emu_lightning.systems.decoder import check_pairing
 
     generator, dec = load_model(stage2), load_decoder(decoder)
-    pipe, judge = EmuImagePipeline(dec, generator), load_scene_classifier(CLASSIFIER).eval()
+    check_pairing(generator, dec.unet, dec.condition_kind)
+    judge = load_scene_classifier(CLASSIFIER).eval()
+    null = generator.generate_image_embeddings([[("text", "")]])   # the CFG null (spec §4: the empty prompt's)
     out: dict = {"meta": {"stage2": stage2, "decoder": decoder, "n": n, "guidance": guidance, "steps": steps,
                           "head": type(generator.regression_head).__name__, "objective": generator.objective,
                           "date": time.strftime("%Y-%m-%d"), "machine": machine()}}
@@ -53,12 +55,11 @@ def evaluate(stage2: str, decoder: str, n: int, guidance: float, steps: int, bat
             t0 = time.time()
             cond = generator.generate_image_embeddings([[("text", c)] for c in captions[i:i + batch]])
             t_embed += time.time() - t0
-            feats = generator.encoder(x[i:i + batch])
-            sim.update(cond, generator.visual_targets(feats, generator.adapter(feats)))
-            null = generator.generate_image_embeddings([[("text", "")]])
             images.append(dec.decode(cond, guidance=guidance, steps=steps, null=null,
                                      generator=torch.Generator().manual_seed(i)))
             t_all += time.time() - t0
+            feats = generator.encoder(x[i:i + batch])   # the true image's embeddings (gen_cos): not timed
+            sim.update(cond, generator.visual_targets(feats, generator.adapter(feats)))
         images = torch.cat(images)
         sem.update(images, scenes)
         out[split] = {**{k: round(float(v), 4) for k, v in sem.compute().items()},
