@@ -50,8 +50,8 @@ def train(a: argparse.Namespace, extra: list[str]) -> Path:
 
 def scenes_batch(split: str, n: int, offset: int = 0):
     """n synthetic scenes of `split`: CLIP-normalised 64-px encoder inputs, [0,1] images, scenes, captions."""
-    from emu_lightning.data.datamodule import image_transform
-    from emu_lightning.data.synthetic import SyntheticCaptions
+    from emu_lightning.data.modules.captions import image_transform
+    from emu_lightning.data.synthetic.scenes import SyntheticCaptions
 
     ds, tf = SyntheticCaptions(split=split, size=offset + n, image_size=64), image_transform(64)
     items = [ds[i] for i in range(offset, offset + n)]
@@ -96,7 +96,7 @@ def probe(system, n_train: int = 4096, n_test: int = 512, steps: int = 400) -> d
 def evaluate(run_dir: Path, ckpt: str | None, n: int, guidance: list[float], stage2: str | None,
              steps: int | None, with_probe: bool = True) -> dict:
     from emu_lightning.metrics.semantic import SemanticAccuracy, load_scene_classifier, resize
-    from emu_lightning.pipelines import EmuImagePipeline, load_system
+    from emu_lightning.inference.pipelines import EmuImagePipeline, load_system
 
     ckpt = ckpt or str(run_dir / "checkpoints" / "last.ckpt")
     system = load_system(str(run_dir), ckpt).eval()
@@ -135,7 +135,7 @@ def evaluate(run_dir: Path, ckpt: str | None, n: int, guidance: list[float], sta
 def sampler_sweep(run_dir: Path, ckpt: str | None, n: int, settings: list[str]) -> dict:
     """Reconstruction scores on `n` val images per `sampler:steps:guidance` setting (one trained decoder)."""
     from emu_lightning.metrics.semantic import SemanticAccuracy, load_scene_classifier
-    from emu_lightning.pipelines import EmuImagePipeline, load_system
+    from emu_lightning.inference.pipelines import EmuImagePipeline, load_system
 
     system = load_system(str(run_dir), ckpt or str(run_dir / "checkpoints" / "last.ckpt")).eval()
     classifier, pipe = load_scene_classifier(CLASSIFIER).eval(), EmuImagePipeline(system)

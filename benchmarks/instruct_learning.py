@@ -1,4 +1,4 @@
-"""Instruction-tuning benchmark (issue 6): chat answer accuracy vs the base stage-2 model, and Gen box placement.
+"""Instruction-tuning benchmark: chat answer accuracy vs the base stage-2 model, and Gen box placement.
 
     # chat: tune from the stage-2 benchmark run, then score both on held-out conversations
     python main.py fit --config recipes/debug/chat.yaml --config benchmarks/configs/chat_bench.overlay.yaml
@@ -41,7 +41,7 @@ CLASSIFIER = OUT / "scene_classifier_32px.safetensors"
 
 
 def _prepare(system, s: dict) -> dict:
-    from emu_lightning.data.datamodule import image_transform
+    from emu_lightning.data.modules.captions import image_transform
 
     t = image_transform(system.encoder.img_size)
     out = dict(s)
@@ -54,7 +54,7 @@ def _prepare(system, s: dict) -> dict:
 
 
 def _vqa_prompt(s: dict) -> list:
-    from emu_lightning.data.sequence import vqa_text
+    from emu_lightning.data.layout.sequence import vqa_text
 
     question = [t["value"] for t in s["conversations"] if t["from"] == "human"][-1]
     question = question.replace("<image>", "").replace("<video>", "").strip()
@@ -64,11 +64,11 @@ def _vqa_prompt(s: dict) -> list:
 
 @torch.no_grad()
 def chat(a: argparse.Namespace) -> dict:
-    from emu_lightning.data.chat import PRESETS
-    from emu_lightning.data.fewshot import first_answer, majority_answer
-    from emu_lightning.data.synthetic_instruct import SyntheticChat
+    from emu_lightning.data.layout.chat import PRESETS
+    from emu_lightning.data.layout.fewshot import first_answer, majority_answer
+    from emu_lightning.data.synthetic.instruct import SyntheticChat
     from emu_lightning.metrics.vqa import VQAAccuracy
-    from emu_lightning.pipelines import load_system
+    from emu_lightning.inference.pipelines import load_system
     from emu_lightning.systems.instruct import chat_prompt
 
     base, tuned = load_system(a.base).eval(), load_system(a.tuned).eval()
@@ -110,7 +110,7 @@ def _cell(box: tuple[float, float, float, float]) -> int:
 
 def placement(pred_shape: torch.Tensor, pred_color: torch.Tensor, items: list[dict]) -> dict[str, float]:
     """Fraction of requested objects whose color / shape / both the classifier reads in the requested box's cell."""
-    from emu_lightning.data.synthetic import COLORS, SHAPES
+    from emu_lightning.data.synthetic.scenes import COLORS, SHAPES
 
     hits = defaultdict(list)
     for b, it in enumerate(items):
@@ -126,11 +126,11 @@ def placement(pred_shape: torch.Tensor, pred_color: torch.Tensor, items: list[di
 
 @torch.no_grad()
 def gen(a: argparse.Namespace) -> dict:
-    from emu_lightning.data.grounding import strip_grounding
-    from emu_lightning.data.synthetic import describe_scene
-    from emu_lightning.data.synthetic_instruct import SyntheticGen
+    from emu_lightning.data.layout.grounding import strip_grounding
+    from emu_lightning.data.synthetic.scenes import describe_scene
+    from emu_lightning.data.synthetic.instruct import SyntheticGen
     from emu_lightning.metrics.semantic import load_scene_classifier, predict_cells
-    from emu_lightning.pipelines import EmuImagePipeline, load_system
+    from emu_lightning.inference.pipelines import EmuImagePipeline, load_system
 
     base, tuned = load_system(a.base).eval(), load_system(a.tuned).eval()
     decoder = load_system(a.decoder).eval()
@@ -184,8 +184,8 @@ def gen(a: argparse.Namespace) -> dict:
 @torch.no_grad()
 def _teacher_forced(system, items: list[dict]) -> torch.Tensor:
     """(B,N,D) regression-head outputs for each item's image with the true image tokens as the previous inputs."""
-    from emu_lightning.data.datamodule import image_transform
-    from emu_lightning.data.sequence import Layout, SequenceCollator
+    from emu_lightning.data.modules.captions import image_transform
+    from emu_lightning.data.layout.sequence import Layout, SequenceCollator
 
     t = image_transform(system.encoder.img_size)
     layout, collate = Layout("gen", train=False), SequenceCollator(system.tokenizer, system.num_image_tokens, 512)

@@ -1,4 +1,4 @@
-"""The performance suite (issue 10): every benchmark in one run, one table of ratios.
+"""The performance suite: every benchmark in one run, one table of ratios.
 
     python benchmarks/perf.py                       # all four: 3.5-4 minutes measured on the 2-core CPU machine
     python benchmarks/perf.py --only generation     # one of: overhead data generation decoder

@@ -48,7 +48,7 @@ def _jpeg(image, path: Path) -> None:
 
 def write_real(root: Path, size: int, n_images: int = 96, n_docs: int = 16, n_videos: int = 8) -> dict[str, Path]:
     """COCO JSON + JPEGs, 4 tar shards, MMC4 JSONL + JPEGs and frame folders under `root`."""
-    from emu_lightning.data.synthetic import SyntheticCaptions, SyntheticDocuments, SyntheticVideos
+    from emu_lightning.data.synthetic.scenes import SyntheticCaptions, SyntheticDocuments, SyntheticVideos
 
     caps = SyntheticCaptions(split="train", size=n_images, image_size=size)
     images, anns = [], []
@@ -95,7 +95,7 @@ def write_real(root: Path, size: int, n_images: int = 96, n_docs: int = 16, n_vi
 # --- datamodules ---------------------------------------------------------------------------------------------
 
 def stage1_module(dm, train, size: int):
-    from emu_lightning.data.datamodule import CaptionDataModule
+    from emu_lightning.data.modules.captions import CaptionDataModule
 
     return CaptionDataModule(train=train, val={}, test={}, image_size=size, batch_size=dm.batch_size,
                              num_workers=dm.num_workers, max_length=dm.max_length, tokenizer=dm.tokenizer,
@@ -103,7 +103,7 @@ def stage1_module(dm, train, size: int):
 
 
 def stage2_module(dm, name: str, source, size: int, layout: str | None = None):
-    from emu_lightning.data.multimodal_datamodule import MultimodalDataModule
+    from emu_lightning.data.modules.multimodal import MultimodalDataModule
 
     return MultimodalDataModule(train={name: source}, weights={name: 1.0}, layouts={name: layout} if layout else None,
                                 val={}, test={}, demos={}, image_size=size, batch_size=dm.batch_size,
@@ -178,8 +178,8 @@ def _shares_text(shares: dict[str, float]) -> str:
 
 def run(rounds: int = 3, batches: int = 8, steps: int = 6, threads: int = 2, real_size: int = 256) -> list[Row]:
     set_threads(threads)
-    from emu_lightning.data.real import CocoCaptions, WebDatasetPairs
-    from emu_lightning.data.real_interleaved import Mmc4Documents, VideoFolder
+    from emu_lightning.data.real.captions import CocoCaptions, WebDatasetPairs
+    from emu_lightning.data.real.interleaved import Mmc4Documents, VideoFolder
 
     models, sources = {}, {}
     for stage, recipe in (("stage 1", STAGE1), ("stage 2", STAGE2)):

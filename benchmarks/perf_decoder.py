@@ -53,8 +53,8 @@ def plain_diffusers(denoiser, scheduler, cond, null, shape, steps: int, guidance
 
 def build(batch: int):
     from emu_lightning.cli import cli_main
-    from emu_lightning.data.datamodule import image_transform
-    from emu_lightning.data.synthetic import SyntheticCaptions
+    from emu_lightning.data.modules.captions import image_transform
+    from emu_lightning.data.synthetic.scenes import SyntheticCaptions
 
     cli = cli_main(["--config", "recipes/debug/decoder.yaml", "--trainer.logger", "false"], run=False)
     decoder = cli.model.eval()
@@ -69,7 +69,7 @@ def run(batch: int = 8, rounds: int = 5, threads: int = 2, cases: tuple[str, ...
         seed: int = 0) -> list[Row]:
     set_threads(threads)
     from components.decoder.sampling import make_scheduler
-    from emu_lightning.pipelines import EmuImagePipeline
+    from emu_lightning.inference.pipelines import EmuImagePipeline
 
     decoder, cond, null = build(batch)
     pipe = EmuImagePipeline(decoder)

@@ -5,8 +5,8 @@ generation tokens/s with and without the cache, in one run (sides alternate).
 
 Model: the debug stage-2 mean-pool recipe's parts (Llama D 256 × 4 layers, random weights), with the adapter grid
 raised so N = `--tokens` (64: an 8 × 8 grid). Prompts: `short`, one sentence, an image and a sentence (the
-issue-4 benchmark's prompt); `long`, a four-image interleaved document (`--long-images`). Both loops are checked
-to agree (max abs difference). Text: greedy decoding of `--text-tokens` new tokens with no end token (every
+prompt of `stage2_generation_speed.py`); `long`, a four-image interleaved document (`--long-images`). Both loops are
+checked to agree (max abs difference). Text: greedy decoding of `--text-tokens` new tokens with no end token (every
 prompt generates exactly that many), HF `generate` with `use_cache` True / False.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def run(tokens: int = 64, batch: int = 4, rounds: int = 3, threads: int = 2, lon
     rows.append(Row("generation", f"text, {text_tokens} new tokens × batch {batch}, short prompt ({embeds.shape[1]} tokens)",
                     r, "≥ 1×", f"cache {n / statistics.median(times['cache']):.0f} tokens/s",
                     f"no cache {n / statistics.median(times['recompute']):.0f} tokens/s", f"{lo:.1f}–{hi:.1f}", rounds,
-                    "ratio = speed-up of the cache; no aim in the issue",
+                    "ratio = speed-up of the cache; no target set",
                     ratio_min=min_ratio(times["recompute"], times["cache"])))
     return rows
 

@@ -20,7 +20,7 @@ just before and just after it, and each Lightning step is timed as the wall time
   zero_grad → LambdaLR step; the optimizer and schedule come from the system's `configure_optimizers`.
 
 Also reported: the fixed cost of a fit outside its steps (Trainer construction, fit-start hooks, epoch end, the
-final checkpoint, teardown), and the NaN/Inf guard's gradient test before and after this issue's change. Each
+final checkpoint, teardown), and the NaN/Inf guard's gradient test in its old and its current form. Each
 fit's per-step losses are checked to equal the bare twin's (same work).
 """
 from __future__ import annotations
@@ -184,7 +184,7 @@ class Runner:
                       limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=self.clip,
                       log_every_n_steps=self.log_every)
         if recipe_callbacks_:
-            from emu_lightning.checkpoint_io import SafeCheckpointIO
+            from emu_lightning.checkpoints.io import SafeCheckpointIO
             from lightning.pytorch.loggers import TensorBoardLogger
 
             kwargs.update(callbacks=[*recipe_callbacks(), pair], plugins=[SafeCheckpointIO()],
@@ -252,7 +252,7 @@ def run(steps: int = 8, rounds: int = 6, threads: int = 2, recipe: Path = RECIPE
 
 def guard_check_row(runner: Runner, rounds: int, calls: int = 20) -> Row | None:
     """The NaN/Inf guard's gradient test on one real step's gradients: the elementwise `isfinite` per tensor it
-    used before this issue vs `grads_finite` (a fused total norm), interleaved."""
+    used before vs `grads_finite` (a fused total norm), interleaved."""
     try:
         from emu_lightning.systems.base import grads_finite
     except ImportError:  # a tree from before the change (benchmarking the old code)

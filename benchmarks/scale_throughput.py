@@ -1,4 +1,4 @@
-"""Issue 7, throughput: tokens/s and MFU per stage, FLOPs counted per component, and peak memory vs batch.
+"""Throughput: tokens/s and MFU per stage, FLOPs counted per component, and peak memory vs batch.
 
     .venv/bin/python benchmarks/scale_throughput.py [--stages stage1 stage2] [--batches B ...] [--steps 3]
         [--peak-tflops T] [--recipe R.yaml --device cuda --bf16] [--out benchmarks/out/scale_throughput.json]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from emu_lightning.data.synthetic import HELDOUT_PAIRS, POSITIONS
+from emu_lightning.data.synthetic.scenes import HELDOUT_PAIRS, POSITIONS
 from emu_lightning.metrics.image_quality import make_fid
 from emu_lightning.metrics.semantic import (
     EMPTY, SemanticAccuracy, augment, predict_cells, render_batch, save_scene_classifier, scene_targets,

@@ -28,13 +28,13 @@ COLUMNS = ["cider_greedy", "shape_acc_greedy", "color_acc_greedy", "size_acc_gre
 
 
 def overlay(name: str, steps: int, eval_size: int, val_every: int) -> Path:
-    synth = lambda split: {"class_path": "emu_lightning.data.synthetic.SyntheticCaptions",  # noqa: E731
+    synth = lambda split: {"class_path": "emu_lightning.data.synthetic.scenes.SyntheticCaptions",  # noqa: E731
                            "init_args": {"split": split, "size": eval_size, "image_size": 64}}
     cfg = {"trainer": {"max_steps": steps, "val_check_interval": val_every, "enable_progress_bar": False,
                        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                   "init_args": {"save_dir": str(OUT / "runs"), "name": name}}},
            "data": {"init_args": {"val": {"val": synth("val"), "heldout": synth("heldout")},
-                                  "train": {"class_path": "emu_lightning.data.synthetic.SyntheticCaptions",
+                                  "train": {"class_path": "emu_lightning.data.synthetic.scenes.SyntheticCaptions",
                                             "init_args": {"split": "train", "size": 1_000_000, "image_size": 64}}}}}
     path = OUT / f"{name}.overlay.yaml"
     path.write_text(yaml.safe_dump(cfg))

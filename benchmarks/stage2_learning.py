@@ -23,7 +23,7 @@ SETS = ("val_captions", "val_vqa", "val_videos")
 
 
 def overlay(name: str, steps: int, eval_size: int, val_every: int) -> Path:
-    synth = lambda cls, split, n: {"class_path": f"emu_lightning.data.synthetic.{cls}",  # noqa: E731
+    synth = lambda cls, split, n: {"class_path": f"emu_lightning.data.synthetic.scenes.{cls}",  # noqa: E731
                                    "init_args": {"split": split, "size": n, "image_size": 64}}
     cfg = {"trainer": {"max_steps": steps, "val_check_interval": val_every, "enable_progress_bar": False,
                        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",

@@ -33,7 +33,7 @@ COLUMNS = ("color", "shape", "both", "position", "gen_cos", "sec_per_image")
 
 @torch.no_grad()
 def evaluate(stage2: str, decoder: str, n: int, guidance: float, steps: int, batch: int = 64) -> dict:
-    from emu_lightning.infer import load_decoder, load_model
+    from emu_lightning.inference.infer import load_decoder, load_model
     from emu_lightning.metrics.embedding import EmbeddingSimilarity
     from emu_lightning.metrics.semantic import SemanticAccuracy, load_scene_classifier, resize
     from emu_lightning.systems.decoder import check_pairing
@@ -41,7 +41,8 @@ def evaluate(stage2: str, decoder: str, n: int, guidance: float, steps: int, bat
     generator, dec = load_model(stage2), load_decoder(decoder)
     check_pairing(generator, dec.unet, dec.condition_kind)
     judge = load_scene_classifier(CLASSIFIER).eval()
-    null = generator.generate_image_embeddings([[("text", "")]])   # the CFG null (spec §4: the empty prompt's)
+    # The CFG null: the empty prompt's regressed embeddings (docs/design.md §4).
+    null = generator.generate_image_embeddings([[("text", "")]])
     out: dict = {"meta": {"stage2": stage2, "decoder": decoder, "n": n, "guidance": guidance, "steps": steps,
                           "head": type(generator.regression_head).__name__, "objective": generator.objective,
                           "date": time.strftime("%Y-%m-%d"), "machine": machine()}}

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from torchvision.utils import make_grid
 
-from emu_lightning.data.datamodule import denormalize
+from emu_lightning.data.modules.captions import denormalize
 
 
 class SampleImages(L.Callback):

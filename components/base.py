@@ -21,9 +21,27 @@ class VisualEncoder(Protocol):
 
 @runtime_checkable
 class Adapter(Protocol):
+    """Encoder tokens -> the N visual embeddings the LLM reads. Everything systems use of an adapter is here:
+    the two widths (checked against the encoder and the LLM at start-up) and N (linked into the datamodule,
+    so the sequence layout follows the adapter). A new adapter is one module with these plus a YAML fragment
+    (docs/extending.md)."""
+
+    in_dim: int                 # D_enc: the encoder width it reads
+    out_dim: int                # D_llm: the LLM width it writes
     num_tokens: int             # N: 32 for the C-Former, grid**2 for mean-pool
 
     def forward(self, feats: Tensor) -> Tensor: ...     # (B,L,D_enc) -> (B,N,D_llm)
+
+
+@runtime_checkable
+class PooledAdapter(Adapter, Protocol):
+    """An adapter that first reduces the encoder tokens in encoder space, then projects (Emu2's mean-pool +
+    `project_up`). Only such an adapter offers the `pooled` target space of stage 2 and the `pooled` decoder
+    condition: the LLM regresses `pool(feats)` and its predictions re-enter through `project_up`."""
+
+    def pool(self, feats: Tensor) -> Tensor: ...        # (B,L,D_enc) -> (B,N,D_enc)
+
+    def project_up(self, pooled: Tensor) -> Tensor: ... # (B,N,D_enc) -> (B,N,D_llm)
 
 
 @runtime_checkable
@@ -46,7 +64,7 @@ class CausalLM(Protocol):
 
     def new_cache(self) -> Any: ...                     # an empty KV cache for incremental decoding
 
-    def resize_vocab(self, size: int) -> None: ...      # new rows = mean embedding (spec §2)
+    def resize_vocab(self, size: int) -> None: ...      # new rows = mean embedding (docs/design.md §2)
 
     def generate(self, embeds: Tensor, mask: Tensor, **kwargs: Any) -> Tensor: ...
         # (B,T,D_llm) prompt embeddings -> (B,T_new) generated ids (greedy / beam via kwargs)

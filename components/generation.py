@@ -1,4 +1,4 @@
-"""Autoregressive visual-embedding generation (EMU_SPEC §5): the official full-recompute loop and a KV-cached one.
+"""Visual-embedding generation (docs/design.md §5): the official full-recompute loop and a KV-cached one.
 
 For k = 0..N-1 the regression head reads the hidden state of the last position (`[IMG]` at k = 0, then each
 generated `<image>`), and its output — mapped back to the LLM input space by `feedback` (Emu1: identity;

@@ -1,8 +1,8 @@
 """Multimodal seam: write adapter outputs into the LLM input embeddings at `<image>` positions.
 
-Follows the Emu release (spec §1 "Injection"): the rows of the text embedding where
+Follows the Emu release (docs/design.md §1, "Injecting images"): the rows of the text embedding where
 `input_ids == image_token_id` are overwritten, in reading order, by the visual tokens of each image.
-Mismatches raise with counts instead of silently truncating or padding (spec §1, assumption A).
+Mismatches raise with counts instead of silently truncating or padding (our choice, docs/design.md §1).
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.hparams import ConfigToTensorBoard
-from emu_lightning.checkpoint_io import SafeCheckpointIO, refusal
+from emu_lightning.checkpoints.io import SafeCheckpointIO, refusal
 from emu_lightning.systems.base import PartsSystem
 
 

@@ -28,6 +28,6 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from emu_lightning.data.tokenizer import load_tokenizer
+    from emu_lightning.data.layout.tokenizer import load_tokenizer
 
     return load_tokenizer()

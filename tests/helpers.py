@@ -35,8 +35,8 @@ def tiny_stage1(adapter: str = "meanpool", trainable=("encoder", "adapter", "llm
 
 
 def tiny_datamodule(system: Stage1System, train_size: int = 64, eval_size: int = 8, batch_size: int = 8):
-    from emu_lightning.data.datamodule import CaptionDataModule
-    from emu_lightning.data.synthetic import SyntheticCaptions
+    from emu_lightning.data.modules.captions import CaptionDataModule
+    from emu_lightning.data.synthetic.scenes import SyntheticCaptions
 
     def ds(split, n):
         return SyntheticCaptions(split=split, size=n, image_size=IMAGE_SIZE)
@@ -63,8 +63,8 @@ def tiny_stage2(adapter: str = "meanpool", trainable=("adapter", "llm", "regress
 
 
 def tiny_stage2_datamodule(system, batch_size: int = 6, eval_size: int = 4, **kwargs):
-    from emu_lightning.data import synthetic as syn
-    from emu_lightning.data.multimodal_datamodule import MultimodalDataModule
+    from emu_lightning.data.synthetic import scenes as syn
+    from emu_lightning.data.modules.multimodal import MultimodalDataModule
 
     def ds(cls, split, n):
         return cls(split=split, size=n, image_size=IMAGE_SIZE)

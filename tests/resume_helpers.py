@@ -14,7 +14,7 @@ import lightning as L
 import torch
 import yaml
 
-from emu_lightning.checkpoint_io import SafeCheckpointIO, safe_load
+from emu_lightning.checkpoints.io import SafeCheckpointIO, safe_load
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "debug" / "stage2_meanpool.yaml")
@@ -50,7 +50,7 @@ class SlowCheckpointIO(SafeCheckpointIO):
         self.saves += 1
         if self.saves == 1:
             return super().save_checkpoint(checkpoint, path, storage_options)
-        import emu_lightning.checkpoint_io as io
+        import emu_lightning.checkpoints.io as io
 
         real_save = torch.save
 
@@ -81,7 +81,7 @@ def overlay(tmp: Path, max_steps: int = 6, every: int = 2, num_workers: int = 0,
     run = tmp / name
     run.mkdir(parents=True, exist_ok=True)
     marks = str(run / "marks")
-    small = lambda cls: {"class_path": f"emu_lightning.data.synthetic.{cls}",  # noqa: E731
+    small = lambda cls: {"class_path": f"emu_lightning.data.synthetic.scenes.{cls}",  # noqa: E731
                          "init_args": {"split": "val", "size": 2, "image_size": 64}}
     evals = {"captions": small("SyntheticCaptions")}
     trainer = {

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from emu_lightning.data.synthetic import HELDOUT_PAIRS, SyntheticCaptions, attribute_accuracy, describe_scene
+from emu_lightning.data.synthetic.scenes import HELDOUT_PAIRS, SyntheticCaptions, attribute_accuracy, describe_scene
 from emu_lightning.metrics.attributes import SceneAttributeAccuracy
 
 

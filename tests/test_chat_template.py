@@ -1,16 +1,16 @@
-"""The chat template and its answer-only loss mask (EMU_SPEC §2 "Chat"): every template variant decoded and compared
-with the conversation's answers, the exact rendered string, and broken templates / masks caught by the check."""
+"""The chat template and its answer-only loss mask (docs/design.md §2, "Chat"): every template variant decoded and
+compared with the conversation's answers, the exact rendered string, and broken templates / masks caught by the check."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from emu_lightning.data.chat import (
+from emu_lightning.data.layout.chat import (
     EMU2_CHAT_SYSTEM, PRESETS, AnswerMaskError, ChatTemplate, chat_template, check_answer_mask, target_runs,
 )  # fmt: skip
-from emu_lightning.data.collate import IGNORE
-from emu_lightning.data.sequence import Layout, SequenceCollator
-from emu_lightning.data.tokens import SpecialIds
+from emu_lightning.data.layout.collate import IGNORE
+from emu_lightning.data.layout.sequence import Layout, SequenceCollator
+from emu_lightning.data.layout.tokens import SpecialIds
 
 N = 4
 IMG = torch.zeros(3, 8, 8)
@@ -187,9 +187,9 @@ def test_chat_video_keeps_num_frames():
 
 
 def test_layouts_can_name_evaluation_sets(tokenizer):
-    from emu_lightning.data.multimodal_datamodule import MultimodalDataModule
-    from emu_lightning.data.synthetic import SyntheticCaptions
-    from emu_lightning.data.synthetic_instruct import SyntheticGen
+    from emu_lightning.data.modules.multimodal import MultimodalDataModule
+    from emu_lightning.data.synthetic.scenes import SyntheticCaptions
+    from emu_lightning.data.synthetic.instruct import SyntheticGen
 
     caps = SyntheticCaptions("val", size=2, image_size=32)
     dm = MultimodalDataModule(train={"gen": SyntheticGen("train", size=4, image_size=32)}, val={"coco": caps},

@@ -1,5 +1,5 @@
-"""Released-checkpoint conversion (issue 11): tiny checkpoints in the released key layouts, the released computation
-written out from its definition, and the shared converter machinery.
+"""Released-checkpoint conversion (docs/design.md §8): tiny checkpoints in the released key layouts, the released
+computation written out from its definition, and the shared converter machinery.
 
 Every released key name below comes from code read in `baaivision/Emu` (commit a8bd5398 unless noted):
 - EVA trunk (`visual.*`): `Emu2/emu/eva_vit.py` and `Emu1/models/eva_vit_model.py` — `EVAVisionTransformer`
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from emu_lightning.convert.common import ConversionError, KeyMap, to_ours, to_released
-from emu_lightning.convert.tokenizer import EMU1_SPECIALS, EMU2_SPECIALS, released_tokenizer
+from emu_lightning.checkpoints.convert.common import ConversionError, KeyMap, to_ours, to_released
+from emu_lightning.checkpoints.convert.tokenizer import EMU1_SPECIALS, EMU2_SPECIALS, released_tokenizer
 
 # Tiny shapes, same names: EVA width 64 (2 heads of 32), 2 blocks, patch 8 at 32 px (4×4 grid); LLaMA width 96.
 EVA = dict(width=64, heads=2, depth=2, patch=8, image=32)
@@ -36,7 +36,7 @@ LLM = dict(hidden=96, heads=2, layers=2, ffn=160)
 
 def base_tokenizer(folder) -> str:
     """A small BPE standing in for the LLaMA tokenizer: `<unk>` `<s>` `</s>` = 0, 1, 2, as in LLaMA."""
-    from emu_lightning.data.synthetic import caption_corpus
+    from emu_lightning.data.synthetic.scenes import caption_corpus
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -95,7 +95,7 @@ def released_llama(prefix: str, rows: int) -> tuple[dict[str, torch.Tensor], Lla
 
 def assert_platform_rows_are_the_mean(state: dict, ours: dict) -> None:
     """The converted `embed_tokens` and `lm_head` keep the released rows and append the platform's specials after
-    them, each appended row the mean of the released rows (spec §2)."""
+    them, each appended row the mean of the released rows (docs/design.md §2)."""
     for released, mine in (("decoder.lm.model.embed_tokens.weight", "llm.model.model.embed_tokens.weight"),
                            ("decoder.lm.lm_head.weight", "llm.model.lm_head.weight")):
         rows, total = state[released].shape[0], ours[mine].shape[0]
@@ -177,7 +177,7 @@ def test_released_specials_get_their_released_ids(tmp_path, release, instruct):
     tok, got_instruct, extra = released_tokenizer(base, specials, rows)
     assert got_instruct == instruct
     ids = {t: tok.convert_tokens_to_ids(t) for t in [*specials, *(["[USER]", "[ASSISTANT]"] * instruct)]}
-    # EMU_SPEC §8: [PAD] [IMG] [/IMG] <image> = base + 0..3 in both releases (32000..32003 on LLaMA's 32000).
+    # docs/design.md §8: [PAD] [IMG] [/IMG] <image> = base + 0..3 in both releases (32000..32003 on LLaMA's 32000).
     assert [ids[t] for t in ["[PAD]", "[IMG]", "[/IMG]", "<image>"]] == [plain, plain + 1, plain + 2, plain + 3]
     if release == "emu2":
         assert ids["[VIDEO]"] == plain + 7 and ids["<patch_index_0256>"] == plain + 271

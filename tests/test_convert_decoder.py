@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from emu_lightning.convert import ConversionError
-from emu_lightning.convert.decoder import build_decoder, convert_decoder
+from emu_lightning.checkpoints.convert import ConversionError
+from emu_lightning.checkpoints.convert.decoder import build_decoder, convert_decoder
 
 # Tiny twins of the released configs: Emu1 = SD1.5-style (cross-attention on the regressed 5120-d tokens);
 # Emu2 = conf/diffusion_config/unet/config.json (text_time, 1792-d tokens, 3328 = 1792 + 6·256).

@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emu_lightning.checkpoint_io import safe_load
+from emu_lightning.checkpoints.io import safe_load
 from emu_lightning.cli import cli_main
-from emu_lightning.convert import ConversionError, convert_emu1, export_emu1
-from emu_lightning.convert.tokenizer import EMU1_SPECIALS
-from emu_lightning.data.sequence import SequenceCollator
+from emu_lightning.checkpoints.convert import ConversionError, convert_emu1, export_emu1
+from emu_lightning.checkpoints.convert.tokenizer import EMU1_SPECIALS
+from emu_lightning.data.layout.sequence import SequenceCollator
 from tests.test_convert_common import (
     EVA, LLM, _rand, assert_platform_rows_are_the_mean, base_tokenizer, released_eva, released_forward_eva,
     released_llama, released_llama_model)

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emu_lightning.checkpoint_io import safe_load
+from emu_lightning.checkpoints.io import safe_load
 from emu_lightning.cli import cli_main
-from emu_lightning.convert import ConversionError, convert_emu2, export_emu2
-from emu_lightning.convert.tokenizer import EMU2_SPECIALS
-from emu_lightning.data.sequence import SequenceCollator
+from emu_lightning.checkpoints.convert import ConversionError, convert_emu2, export_emu2
+from emu_lightning.checkpoints.convert.tokenizer import EMU2_SPECIALS
+from emu_lightning.data.layout.sequence import SequenceCollator
 from tests.test_convert_common import (
     EVA, LLM, _rand, assert_platform_rows_are_the_mean, base_tokenizer, released_eva, released_forward_eva,
     released_llama, released_llama_model)
@@ -196,7 +196,7 @@ def test_converted_model_trains_one_stage2_step(converted):
 
 
 def test_cli_converts_and_exports_a_fine_tuned_checkpoint(converted, tmp_path):
-    from emu_lightning.convert.__main__ import main
+    from emu_lightning.checkpoints.convert.__main__ import main
 
     state, _, dst, tok = converted
     src = str(dst.parent / "emu2.pt")

@@ -1,4 +1,4 @@
-"""Visual decoder (EMU_SPEC §4): losses and gradient flow per prediction type and condition, condition drop,
+"""Visual decoder (docs/design.md §4): losses and gradient flow per prediction type and condition, condition drop,
 classifier-free guidance, the null condition, bad input, the NaN guard, EMA, latent space, the stage hand-off,
 and a fit of the debug recipe through the real CLI. Everything runs on tiny real models on one CPU core."""
 from __future__ import annotations
@@ -258,7 +258,7 @@ def test_null_condition_is_zero_image_features_or_zeros():
     null = system.null_embedding(cond)
     assert null.shape == (1, *cond.shape[1:])
     torch.testing.assert_close(null, system.condition(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)))
-    assert null.abs().amax() > 0, "the spec's null is the mean-colour image's features, never zeros"
+    assert null.abs().amax() > 0, "the null (docs/design.md §4) is the mean-colour image's features, never zeros"
 
     zeros = tiny_decoder(null_condition="zeros").null_embedding(cond)
     assert zeros.shape == (1, *cond.shape[1:]) and not zeros.any()
@@ -595,12 +595,12 @@ def test_cli_fit_debug_recipe_logs_psnr_and_ssim(tmp_path, monkeypatch):
     from emu_lightning.cli import cli_main
 
     from emu_lightning.metrics.semantic import save_scene_classifier, train_scene_classifier
-    from emu_lightning.pipelines import load_system
+    from emu_lightning.inference.pipelines import load_system
 
     monkeypatch.chdir(tmp_path)
     judge = tmp_path / "judge.safetensors"   # an untrained-ish classifier: the wiring is under test, not its verdicts
     save_scene_classifier(train_scene_classifier(image_size=16, steps=2, batch_size=4), judge)
-    small = lambda split: {"class_path": "emu_lightning.data.synthetic.SyntheticCaptions",  # noqa: E731
+    small = lambda split: {"class_path": "emu_lightning.data.synthetic.scenes.SyntheticCaptions",  # noqa: E731
                            "init_args": {"split": split, "size": 4, "image_size": 64}}
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text(yaml.safe_dump({

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from components.heads import QueryHead
-from emu_lightning.data.collate import CaptionCollator
-from emu_lightning.export import export_model
+from emu_lightning.data.layout.collate import CaptionCollator
+from emu_lightning.checkpoints.export import export_model
 from tests.helpers import IMAGE_SIZE, tiny_decoder, tiny_stage2
 from tests.test_scale_export import SPECS
 
@@ -24,8 +24,8 @@ def _generator(tmp_path, head=None):
 
 
 def _batch(decoder, n=3):
-    from emu_lightning.data.synthetic import SyntheticCaptions
-    from emu_lightning.data.datamodule import image_transform
+    from emu_lightning.data.synthetic.scenes import SyntheticCaptions
+    from emu_lightning.data.modules.captions import image_transform
 
     ds, tf = SyntheticCaptions(split="train", size=n, image_size=IMAGE_SIZE), image_transform(IMAGE_SIZE)
     samples = [{**s, "image": tf(s["image"]), "caption": s["captions"][0]} for s in (ds[i] for i in range(n))]
@@ -74,7 +74,7 @@ def test_evaluation_scores_text_to_image_with_the_judge(tmp_path, monkeypatch):
 
     monkeypatch.setattr(decoder, "_classifier", lambda: Judge())
     batch = _batch(decoder, 2)
-    from emu_lightning.data.synthetic import SyntheticCaptions
+    from emu_lightning.data.synthetic.scenes import SyntheticCaptions
 
     batch["scenes"] = [SyntheticCaptions(split="train", size=2, image_size=IMAGE_SIZE)[i]["scene"] for i in range(2)]
     decoder._evaluate(batch, 0, "val")

@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 from components.adapters.meanpool import MeanPoolProjector
 from components.decoder.space import LatentSpace
 from components.encoders.eva import EVAEncoder
-from emu_lightning.data.datamodule import image_transform
-from emu_lightning.decoder_export import export_decoder, load_exported_decoder
-from emu_lightning.pipelines import EmuImagePipeline, load_system, to_pil
+from emu_lightning.data.modules.captions import image_transform
+from emu_lightning.checkpoints.decoder_export import export_decoder, load_exported_decoder
+from emu_lightning.inference.pipelines import EmuImagePipeline, load_system, to_pil
 from emu_lightning.systems.decoder import DecoderSystem
 from emu_lightning.systems.policy import StagePolicy
 from tests.helpers import IMAGE_SIZE, TINY_VAE, tiny_decoder, tiny_stage2, tiny_unet
@@ -102,7 +102,7 @@ def test_generation_uses_the_kv_cache_and_equals_the_full_recompute(pipe, monkey
                                rtol=0, atol=1e-4)
     torch.testing.assert_close(pipe.text_to_image(prompts, seed=3, null="decoder"),
                                d.decode(ref, generator=_gen(3)), rtol=0, atol=1e-4)
-    # In-context: PIL images enter the prompt as the CLIP-normalised encoder input; default CFG 10 (spec §5).
+    # In-context: PIL images enter the prompt as the CLIP-normalised encoder input; default CFG 10 (docs/design.md §5).
     pixels = image_transform(IMAGE_SIZE)(_image(0))
     ref = g.generate_image_embeddings([[("text", "this: "), ("image", pixels), ("text", " again: ")]], use_cache=False)
     torch.testing.assert_close(pipe.in_context([["this: ", _image(0), " again: "]], seed=4),
@@ -212,7 +212,7 @@ def test_load_system_rebuilds_a_cli_run_without_its_handoff(tmp_path, monkeypatc
     from emu_lightning.cli import cli_main
 
     monkeypatch.chdir(tmp_path)
-    small = lambda split: {"class_path": "emu_lightning.data.synthetic.SyntheticCaptions",  # noqa: E731
+    small = lambda split: {"class_path": "emu_lightning.data.synthetic.scenes.SyntheticCaptions",  # noqa: E731
                            "init_args": {"split": split, "size": 2, "image_size": 64}}
     overlay = {"trainer": {"max_steps": 1, "limit_val_batches": 0, "enable_progress_bar": False,
                            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",

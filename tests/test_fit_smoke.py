@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _overlay(tmp_path: Path, max_steps: int) -> str:
-    small = lambda split: {"class_path": "emu_lightning.data.synthetic.SyntheticCaptions",  # noqa: E731
+    small = lambda split: {"class_path": "emu_lightning.data.synthetic.scenes.SyntheticCaptions",  # noqa: E731
                            "init_args": {"split": split, "size": 4, "image_size": 64}}
     cfg = {
         "trainer": {"max_steps": max_steps, "val_check_interval": 2, "limit_val_batches": 1,
@@ -43,7 +43,7 @@ def test_cli_fit_logs_and_resumes(recipe, tmp_path, monkeypatch):
     logdir = tmp_path / "runs" / "smoke" / "version_0"
     last = logdir / "checkpoints" / "last.ckpt"
     assert last.is_file()
-    from emu_lightning.data.tokenizer import load_tokenizer
+    from emu_lightning.data.layout.tokenizer import load_tokenizer
 
     assert load_tokenizer(str(logdir / "tokenizer")).get_vocab() == cli.model.tokenizer.get_vocab()
 
@@ -115,9 +115,9 @@ def test_cli_fit_on_real_format_data(tmp_path, monkeypatch):
     coco = _write_coco(tmp_path)
     cfg = yaml.safe_load(Path(_overlay(tmp_path, 2)).read_text())
     cfg["data"]["init_args"] = {
-        "train": {"class_path": "emu_lightning.data.real.WebDatasetPairs",
+        "train": {"class_path": "emu_lightning.data.real.captions.WebDatasetPairs",
                   "init_args": {"urls": str(tmp_path / "shard-{000..001}.tar")}},
-        "val": {"coco": {"class_path": "emu_lightning.data.real.CocoCaptions",
+        "val": {"coco": {"class_path": "emu_lightning.data.real.captions.CocoCaptions",
                          "init_args": {"annotations": str(coco), "image_dir": str(tmp_path / "img")}}},
         "batch_size": 4, "eval_batch_size": 4, "num_workers": 0}
     overlay = tmp_path / "real.yaml"

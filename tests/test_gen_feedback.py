@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emu_lightning.data.sequence import Layout, SequenceCollator
-from emu_lightning.data.synthetic_instruct import SyntheticGen
+from emu_lightning.data.layout.sequence import Layout, SequenceCollator
+from emu_lightning.data.synthetic.instruct import SyntheticGen
 from emu_lightning.systems.instruct import GenSystem
 from emu_lightning.systems.policy import StagePolicy
 from tests.helpers import IMAGE_SIZE, LlamaLM, tiny_adapter, tiny_encoder
@@ -23,7 +23,7 @@ def tiny_gen(adapter: str = "meanpool", **kwargs) -> GenSystem:
 
 
 def gen_batch(system: GenSystem, n: int = 3) -> dict:
-    from emu_lightning.data.datamodule import image_transform
+    from emu_lightning.data.modules.captions import image_transform
 
     t, layout = image_transform(IMAGE_SIZE), Layout("gen", train=False)
     data = SyntheticGen("train", size=n, image_size=IMAGE_SIZE, grounded_p=1.0, subject_p=0.0)

@@ -61,7 +61,7 @@ def test_queries_training_loss_is_what_generation_would_score():
     # A text-first pair: teacher-forced training predictions are exactly the generated ones (nothing is fed back).
     system = _queries().eval()
     docs = [{"id": "p", "source": "pairs", "segments": [("text", "a blue square."), ("image", _img(1))]}]
-    from emu_lightning.data.sequence import SequenceCollator
+    from emu_lightning.data.layout.sequence import SequenceCollator
 
     batch = SequenceCollator(system.tokenizer, system.num_image_tokens, max_length=64)(docs)
     with torch.no_grad():
@@ -138,7 +138,7 @@ def test_whitening_regresses_standardised_targets_and_generation_undoes_it():
 
 
 def test_whitening_round_trips_through_checkpoint_and_export(tmp_path):
-    from emu_lightning.export import export_model, load_exported
+    from emu_lightning.checkpoints.export import export_model, load_exported
 
     head = QueryHead(64, 64, num_tokens=4, whiten=True)
     system = tiny_stage2("meanpool", head=head)
@@ -154,7 +154,7 @@ def test_whitening_round_trips_through_checkpoint_and_export(tmp_path):
         "class_path": "components.heads.QueryHead",
         "init_args": {"in_dim": 64, "out_dim": 64, "num_tokens": 4, "whiten": True}}}
     folder = export_model(system, tmp_path / "export", specs)
-    from emu_lightning.infer import load_exported_system
+    from emu_lightning.inference.infer import load_exported_system
 
     loaded = load_exported_system(folder)
     assert isinstance(loaded.regression_head, QueryHead)
@@ -210,7 +210,7 @@ def test_no_regressed_position_gives_a_zero_loss_and_no_readings():
     out["regression_loss"].backward()          # still part of the graph
     # A queries model evaluated on image-first pairs regresses nothing there: no regression_cos of 0 is logged.
     system = _queries().eval()
-    from emu_lightning.data.sequence import SequenceCollator
+    from emu_lightning.data.layout.sequence import SequenceCollator
 
     docs = [{"id": "p", "source": "pairs", "segments": [("image", _img(1)), ("text", "a blue square.")]}]
     losses, _ = system.losses(SequenceCollator(system.tokenizer, system.num_image_tokens, max_length=64)(docs))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from emu_lightning.data.synthetic import Obj, Scene
+from emu_lightning.data.synthetic.scenes import Obj, Scene
 from emu_lightning.metrics.image_quality import make_fid, reconstruction_metrics
 from emu_lightning.metrics.semantic import (
     EMPTY,

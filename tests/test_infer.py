@@ -1,4 +1,4 @@
-"""`python -m emu_lightning.infer` end to end on tiny CLI-trained runs (a few steps each: wiring, not quality).
+"""`python -m emu_lightning.inference` end to end on tiny CLI-trained runs (a few steps each: wiring, not quality).
 
 Runs (module fixtures, each fitted once): chat (`recipes/debug/chat.yaml`), stage 1 (`stage1_meanpool.yaml`),
 gen (`gen.yaml`) and a visual decoder (`decoder.yaml`, 2 sampling steps). Every subcommand goes through
@@ -17,7 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
-from emu_lightning import infer
+from emu_lightning.inference import infer
 from emu_lightning.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,9 +53,9 @@ def _set(cls: str, split: str, size: int = 2, **kw) -> dict:
     return {"class_path": cls, "init_args": {"split": split, "size": size, "image_size": 64, **kw}}
 
 
-CAPTIONS = "emu_lightning.data.synthetic.SyntheticCaptions"
-CHAT = "emu_lightning.data.synthetic_instruct.SyntheticChat"
-GEN = "emu_lightning.data.synthetic_instruct.SyntheticGen"
+CAPTIONS = "emu_lightning.data.synthetic.scenes.SyntheticCaptions"
+CHAT = "emu_lightning.data.synthetic.instruct.SyntheticChat"
+GEN = "emu_lightning.data.synthetic.instruct.SyntheticGen"
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def chat_run(runs) -> Path:
 
 @pytest.fixture(scope="module")
 def stage1_run(runs) -> Path:
-    return _fit(runs, "stage1_meanpool", "stage1", 2,
+    return _fit(runs, "stage1_meanpool", "stage1_meanpool", 2,
                 {"val": {"val": _set(CAPTIONS, "val")}, "test": {"test": _set(CAPTIONS, "test")}},
                 {"max_new_tokens": 3, "num_beams": 1})
 
@@ -95,7 +95,7 @@ def decoder_run(runs) -> Path:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[str]:
     """Three synthetic scenes as PNG files."""
-    from emu_lightning.data.synthetic import SyntheticCaptions
+    from emu_lightning.data.synthetic.scenes import SyntheticCaptions
 
     folder = tmp_path_factory.mktemp("images")
     ds = SyntheticCaptions(split="test", size=3, image_size=64)
@@ -142,7 +142,7 @@ def test_stage1_run_refuses_vqa(stage1_run, images, tmp_path, capsys):
 
 
 def test_caption_with_an_exported_folder(chat_run, images, tmp_path, capsys):
-    from emu_lightning.export import main as export_main
+    from emu_lightning.checkpoints.export import main as export_main
     from emu_lightning.systems.instruct import ChatSystem
 
     out = tmp_path / "exported"
@@ -220,7 +220,7 @@ def test_generate_with_a_reference_image(gen_run, decoder_run, images, tmp_path)
 def test_generate_with_an_exported_decoder_matches_the_run(gen_run, decoder_run, tmp_path):
     """`--decoder` also takes an `export_decoder` folder (plain diffusers UNet + condition files): same prompt and
     seed, same pixels as sampling with the decoder's training run."""
-    from emu_lightning.decoder_export import export_decoder
+    from emu_lightning.checkpoints.decoder_export import export_decoder
 
     folder = export_decoder(infer.load_model(decoder_run), tmp_path / "export")
     argv = ["generate", "--ckpt", str(gen_run), "--prompt", "a picture of a small green square.", "--steps", "2"]
@@ -234,7 +234,7 @@ def test_generate_with_an_exported_decoder_matches_the_run(gen_run, decoder_run,
 
 
 def test_blend_with_an_exported_decoder_is_an_error(decoder_run, images, tmp_path, capsys):
-    from emu_lightning.decoder_export import export_decoder
+    from emu_lightning.checkpoints.decoder_export import export_decoder
 
     folder = export_decoder(infer.load_model(decoder_run), tmp_path / "export")
     code = infer.main(["blend", "--decoder", str(folder), "--image", images[0], "--image", images[1],
@@ -309,7 +309,7 @@ def test_unreadable_image_names_the_path(chat_run, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def small_tokenizer(tmp_path_factory) -> tuple[Path, int]:
-    from emu_lightning.data.tokenizer import load_tokenizer
+    from emu_lightning.data.layout.tokenizer import load_tokenizer
 
     folder = tmp_path_factory.mktemp("tok512")
     tok = load_tokenizer(None, vocab_size=512)
@@ -334,7 +334,7 @@ def test_mismatched_tokenizer_names_both_sizes(chat_run, small_tokenizer, images
 
 
 def test_mismatched_tokenizer_on_an_exported_folder(chat_run, small_tokenizer, images, tmp_path, capsys):
-    from emu_lightning.export import main as export_main
+    from emu_lightning.checkpoints.export import main as export_main
 
     folder, n_tok = small_tokenizer
     out = tmp_path / "exported"

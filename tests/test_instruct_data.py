@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emu_lightning.data.grounding import box_bins, box_tokens, grounded, parse_grounded, strip_grounding
-from emu_lightning.data.real import BadImage
-from emu_lightning.data.real_chat import LlavaConversations
-from emu_lightning.data.synthetic import COLORS, POSITIONS, SyntheticVideos, in_split, render
-from emu_lightning.data.synthetic_instruct import SyntheticChat, SyntheticGen, _ChatVideos, object_box, place
-from emu_lightning.data.synthetic_text import HELDOUT_PAIRS, loc_phrase, parse_caption
+from emu_lightning.data.layout.grounding import box_bins, box_tokens, grounded, parse_grounded, strip_grounding
+from emu_lightning.data.real.captions import BadImage
+from emu_lightning.data.real.chat import LlavaConversations
+from emu_lightning.data.synthetic.scenes import COLORS, POSITIONS, SyntheticVideos, in_split, render
+from emu_lightning.data.synthetic.instruct import SyntheticChat, SyntheticGen, _ChatVideos, object_box, place
+from emu_lightning.data.synthetic.text import HELDOUT_PAIRS, loc_phrase, parse_caption
 
 # ---------------------------------------------------------------- grounding
 
@@ -221,7 +221,7 @@ def test_synthetic_videos_bytes_unchanged():
 
 
 def test_place_reproduces_render_bytes():
-    from emu_lightning.data.synthetic import render_placed, sample_scene
+    from emu_lightning.data.synthetic.scenes import render_placed, sample_scene
 
     for i in range(20):
         scene = sample_scene("train", i, 0)

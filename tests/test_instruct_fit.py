@@ -35,7 +35,7 @@ def _logger(save_dir: Path, name: str) -> dict:
 def chat_overlay(tmp: Path, steps: int = STEPS) -> str:
     """Tiny eval sets, `steps` steps, a fixed log dir `<tmp>/runs/chat/version_0`."""
     def ev(split):
-        return {f"{split}_chat": {"class_path": "emu_lightning.data.synthetic_instruct.SyntheticChat",
+        return {f"{split}_chat": {"class_path": "emu_lightning.data.synthetic.instruct.SyntheticChat",
                                   "init_args": {"split": split, "size": 4, "image_size": 64, "kinds": CHAT_KINDS}}}
 
     cfg = {"trainer": {"max_steps": steps, "val_check_interval": steps, "log_every_n_steps": 1,
@@ -50,7 +50,7 @@ def chat_overlay(tmp: Path, steps: int = STEPS) -> str:
 def gen_overlay(tmp: Path, steps: int = STEPS) -> str:
     """Tiny grounded eval sets; half the training items are subject-driven (a reference image)."""
     def gen(split, size, **kw):
-        return {"class_path": "emu_lightning.data.synthetic_instruct.SyntheticGen",
+        return {"class_path": "emu_lightning.data.synthetic.instruct.SyntheticGen",
                 "init_args": {"split": split, "size": size, "image_size": 64, **kw}}
 
     cfg = {"trainer": {"max_steps": steps, "val_check_interval": steps, "log_every_n_steps": 1,
@@ -132,7 +132,7 @@ def test_chat_fit_trains_adapter_and_llm_only(chat_run):
 
 
 def test_chat_datamodule_gets_the_model_template(chat_run):
-    from emu_lightning.data.chat import PRESETS
+    from emu_lightning.data.layout.chat import PRESETS
 
     cli = chat_run[2]
     assert cli.model.template == PRESETS["plain"]
@@ -142,7 +142,7 @@ def test_chat_datamodule_gets_the_model_template(chat_run):
 
 
 def test_chat_template_copy_follows_a_model_override(chat_run, tmp_path, monkeypatch):
-    from emu_lightning.data.chat import PRESETS
+    from emu_lightning.data.layout.chat import PRESETS
 
     monkeypatch.chdir(tmp_path)
     cli = cli_main(["--config", str(DEBUG / "chat.yaml"), "--config", chat_run[1],
@@ -205,8 +205,8 @@ def test_gen_fit_trains_on_the_image_loss_only(gen_run):
 
 
 def test_gen_batch_regresses_only_the_last_image(gen_run):
-    from emu_lightning.data.multimodal_datamodule import _EvalCollate
-    from emu_lightning.data.synthetic_instruct import SyntheticGen
+    from emu_lightning.data.modules.multimodal import _EvalCollate
+    from emu_lightning.data.synthetic.instruct import SyntheticGen
 
     dm = gen_run[2].datamodule
     ds = SyntheticGen(split="train", size=64, image_size=64, grounded_p=0.5, subject_p=0.5)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from emu_lightning.data.real import CocoCaptions, WebDatasetPairs, expand_urls
+from emu_lightning.data.real.captions import CocoCaptions, WebDatasetPairs, expand_urls
 from tests.helpers import write_tar
 
 

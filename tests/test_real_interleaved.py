@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from emu_lightning.data.real_interleaved import Mmc4Documents, VideoFolder
+from emu_lightning.data.real.interleaved import Mmc4Documents, VideoFolder
 
 
 def _png(path: Path, value: int) -> None:

@@ -10,7 +10,7 @@ from emu_lightning.cli import EmuCLI, cli_main
 from emu_lightning.systems.base import EmuSystem, PartsSystem
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-STAGES = sorted(p for p in RECIPES.rglob("*.yaml") if p.parent.name not in {"_base", "components", "sweeps"})
+STAGES = sorted(p for p in RECIPES.rglob("*.yaml") if p.parent.name not in {"_base", "components", "sweeps", "chains"})
 REAL = [p for p in STAGES if p.parent.name != "debug"]
 
 
@@ -30,7 +30,9 @@ def test_debug_recipes_differ_only_in_adapter():
     a = (RECIPES / "debug" / "stage1_cformer.yaml").read_text().splitlines()
     b = (RECIPES / "debug" / "stage1_meanpool.yaml").read_text().splitlines()
     diff = [(x, y) for x, y in zip(a, b) if x != y and not x.startswith("#")]
-    assert len(a) == len(b) and len(diff) == 1 and "adapter:" in diff[0][0]
+    # the adapter line, and the run folder each logs to (runs/stage1_cformer, runs/stage1_meanpool)
+    assert len(a) == len(b) and len(diff) == 2 and "adapter:" in diff[1][0]
+    assert diff[0] == ("    init_args: {save_dir: runs, name: stage1_cformer}", "    init_args: {save_dir: runs, name: stage1_meanpool}")
 
 
 @pytest.mark.parametrize("recipe", [p for p in REAL if "decoder" not in p.name], ids=str)
@@ -51,7 +53,7 @@ def test_real_size_recipe_builds_on_meta(recipe):
     n = sum(p.numel() for p in cli.model.parameters())
     assert all(p.is_meta for p in cli.model.parameters())
     m = cli.model
-    # EMU_SPEC §1: Emu1 = EVA-CLIP-g (1408, 16×16 + CLS = 257 tokens) → 32 C-Former queries → LLaMA-13B (5120);
+    # docs/design.md §1: Emu1 = EVA-CLIP-g (1408, 16×16 + CLS = 257 tokens) → C-Former (32) → LLaMA-13B (5120);
     # Emu2 = EVA-E-plus (1792, CLS dropped) → 8×8 = 64 pooled tokens → LLaMA-33B (6656).
     # Emu2 stage 2 runs at 448 px: a 32×32 grid (1024 tokens) pooled with k = s = 4 to the same 8×8.
     expected = {"emu1": (1408, 257, 32, 5120, 40), "emu2": (1792, 256, 64, 6656, 60)}[recipe.parent.name]
@@ -62,7 +64,7 @@ def test_real_size_recipe_builds_on_meta(recipe):
     assert got == expected
     assert cli.datamodule.num_image_tokens == expected[2]
     assert n > 13e9 if recipe.parent.name == "emu1" else n > 32e9, n
-    if stage2:  # the regression head's width is the target space's (spec §1)
+    if stage2:  # the regression head's width is the target space's (docs/design.md §1)
         head = {"emu1": (5120, 5120), "emu2": (6656, 1792)}[recipe.parent.name]
         assert (m.regression_head.in_dim, m.regression_head.out_dim) == head
         assert "encoder" not in m.policy.trainable
@@ -72,7 +74,8 @@ def test_stage2_debug_recipes_differ_only_in_adapter_head_and_targets():
     a = (RECIPES / "debug" / "stage2_cformer.yaml").read_text().splitlines()
     b = (RECIPES / "debug" / "stage2_meanpool.yaml").read_text().splitlines()
     diff = [x.split(":")[0].strip() for x, y in zip(a, b) if x != y and not x.startswith("#")]
-    assert len(a) == len(b) and diff == ["adapter", "regression_head", "target_space"]
+    # init_args: the run folder each logs to (runs/stage2_cformer, runs/stage2_meanpool)
+    assert len(a) == len(b) and diff == ["init_args", "adapter", "regression_head", "target_space"]
 
 
 def test_unknown_recipe_key_names_the_key(tmp_path, capsys):
@@ -101,7 +104,7 @@ def test_real_size_decoder_recipe_builds_on_meta(recipe, tmp_path):
     m = cli.model
     assert all(p.is_meta for p in m.parameters())
     unet = m.unet.unet.config
-    # EMU_SPEC §4: Emu1 = SD1.5 UNet (860 M) reading 32 × 5120 C-Former outputs, 512 px (64² latents);
+    # docs/design.md §4: Emu1 = SD1.5 UNet (860 M) reading 32 × 5120 C-Former outputs, 512 px (64² latents);
     # Emu2 = SDXL UNet (2.6 B) reading 64 × 1792 pooled tokens + their mean (add-embedding input 3328), 1024 px.
     if recipe.parent.name == "emu1":
         assert (m.condition_kind, unet.cross_attention_dim, m.unet.num_tokens, unet.sample_size, m.image_size) == (

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from emu_lightning.checkpoint_io import SafeCheckpointIO, atomic_torch_save, safe_load
-from emu_lightning.checkpointing import read_state_dict
+from emu_lightning.checkpoints.io import SafeCheckpointIO, atomic_torch_save, safe_load
+from emu_lightning.checkpoints.handoff import read_state_dict
 from emu_lightning.cli import cli_main
 from emu_lightning.systems.base import PartsSystem
 from emu_lightning.systems.policy import StagePolicy
@@ -72,7 +72,7 @@ def test_truncated_and_missing_checkpoints_are_named(tmp_path):
 KILLED_SAVE = """
 import sys, time, torch
 from pathlib import Path
-from emu_lightning import checkpoint_io
+from emu_lightning.checkpoints import io as checkpoint_io
 path = Path(sys.argv[1])
 checkpoint_io.atomic_torch_save({"version": torch.tensor(1), "w": torch.ones(100_000)}, path)
 real = torch.save
@@ -138,5 +138,5 @@ def test_every_torch_load_in_the_code_is_weights_only():
                 loads.append((file.relative_to(ROOT).as_posix(), m.group(0)))
     assert loads, "no torch.load found: the scan is broken"
     unsafe = [(f, call) for f, call in loads if "weights_only=True" not in call
-              and not (f == "emu_lightning/pipelines.py" and "weights_only=weights_only" in call)]
+              and not (f == "emu_lightning/inference/pipelines.py" and "weights_only=weights_only" in call)]
     assert not unsafe, unsafe

@@ -12,7 +12,7 @@ import pytest
 from emu_lightning.cli import cli_main
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "debug"
-NO_DATA = ["--data.init_args.train", '{"class_path": "emu_lightning.data.real.CocoCaptions", '
+NO_DATA = ["--data.init_args.train", '{"class_path": "emu_lightning.data.real.captions.CocoCaptions", '
            '"init_args": {"annotations": "/nonexistent/captions.json", "image_dir": "/nonexistent"}}']
 
 WIDTHS = {

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from emu_lightning.data.mixture import ResumableLoader, SourceMixture
-from emu_lightning.data.real import BadImage, CocoCaptions, WebDatasetPairs
-from emu_lightning.data.real_interleaved import Mmc4Documents, VideoFolder
-from emu_lightning.data.sequence import Layout
+from emu_lightning.data.modules.mixture import ResumableLoader, SourceMixture
+from emu_lightning.data.real.captions import BadImage, CocoCaptions, WebDatasetPairs
+from emu_lightning.data.real.interleaved import Mmc4Documents, VideoFolder
+from emu_lightning.data.layout.sequence import Layout
 from tests.helpers import write_tar
 
 

@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-from emu_lightning.checkpoint_io import safe_load
+from emu_lightning.checkpoints.io import safe_load
 from emu_lightning.cli import cli_main
 from emu_lightning.systems.guard import NonFiniteGuard
 from tests.helpers import tiny_stage1

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from emu_lightning.checkpoint_io import safe_load
+from emu_lightning.checkpoints.io import safe_load
 from emu_lightning.cli import cli_main
 from tests.resume_helpers import CFORMER_RECIPE, ROOT, args, assert_same_weights, overlay
 

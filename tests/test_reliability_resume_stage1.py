@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from emu_lightning.checkpoint_io import safe_load
+from emu_lightning.checkpoints.io import safe_load
 from emu_lightning.cli import cli_main
-from emu_lightning.data.datamodule import EpochSampler
+from emu_lightning.data.modules.captions import EpochSampler
 from tests.resume_helpers import ROOT, args, assert_same_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +34,7 @@ def _overlay(tmp: Path, name: str, num_workers: int, crash_at: int | None = None
                    {"class_path": "tests.resume_helpers.StepMarker",
                     "init_args": {"marks": str(run / "marks"), "crash_at": crash_at}}]},
            "data": {"init_args": {
-               "train": {"class_path": "emu_lightning.data.synthetic.SyntheticCaptions",
+               "train": {"class_path": "emu_lightning.data.synthetic.scenes.SyntheticCaptions",
                          "init_args": {"split": "train", "size": BATCH * EPOCH, "image_size": 64}},
                "val": {}, "batch_size": BATCH, "num_workers": num_workers}}}
     path = run / "overlay.yaml"
@@ -83,7 +83,7 @@ def test_epoch_sampler_orders_and_resumes():
 
 
 def test_resume_with_another_batch_size_is_an_error():
-    from emu_lightning.data.datamodule import ResumableMapLoader
+    from emu_lightning.data.modules.captions import ResumableMapLoader
 
     loader = ResumableMapLoader(list(range(8)), batch_size=2)
     with pytest.raises(ValueError, match="batches of 4, this run's batch_size is 2"):

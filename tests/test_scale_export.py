@@ -1,4 +1,4 @@
-"""Issue 7, export: a trained stage-2 model → a folder of safetensors + config that reloads without Lightning
+"""Export: a trained stage-2 model → a folder of safetensors + config that reloads without Lightning
 with identical outputs; its LLM loads in plain transformers; a tampered file is refused with the keys named."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from emu_lightning.data.sequence import SequenceCollator
-from emu_lightning.export import export_model, load_exported
+from emu_lightning.data.layout.sequence import SequenceCollator
+from emu_lightning.checkpoints.export import export_model, load_exported
 from tests.helpers import IMAGE_SIZE, tiny_stage2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_exported_llm_loads_in_plain_transformers(tmp_path):
 def test_export_loads_without_lightning(tmp_path):
     """Slow (a fresh interpreter, ~10 s): `.venv/bin/python -m pytest -q -m slow tests/test_scale_export.py`."""
     folder = export_model(_trained("meanpool"), tmp_path / "export", SPECS["meanpool"])
-    code = (f"import sys; from emu_lightning.export import load_exported; m = load_exported({str(folder)!r}); "
+    code = (f"import sys; from emu_lightning.checkpoints.export import load_exported; m = load_exported({str(folder)!r}); "
             "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('lightning', 'pytorch_lightning')); "
             "assert not bad, bad; print(sum(p.numel() for p in m.parameters()))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,

@@ -1,4 +1,4 @@
-"""Issue 7, sharded training on CPU: FSDP2 (`EmuModelParallelStrategy`, gloo) over 2 processes computes what one
+"""Sharded training on CPU: FSDP2 (`EmuModelParallelStrategy`, gloo) over 2 processes computes what one
 process computes, and its sharded checkpoint resumes to the same weights; torchrun's environment is read.
 
 The 2-process runs are subprocesses (`tests/scripts/fsdp_stage2.py`): torchrun starts both ranks of the sharded

@@ -1,4 +1,4 @@
-"""Issue 7, multi-process launch: the real CLI (`main.py fit`) on a debug stage-2 recipe under torchrun with 2 CPU
+"""Multi-process launch: the real CLI (`main.py fit`) on a debug stage-2 recipe under torchrun with 2 CPU
 processes and FSDP2 reads the launch environment (2 ranks), trains and writes a sharded `last.ckpt`.
 
 Slow (~1 min on 2 cores): `.venv/bin/python -m pytest -q -m slow tests/test_scale_launch.py`.
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_recipe_runs_under_torchrun_with_two_processes(tmp_path):
-    small = lambda cls, split: {"class_path": f"emu_lightning.data.synthetic.{cls}",  # noqa: E731
+    small = lambda cls, split: {"class_path": f"emu_lightning.data.synthetic.scenes.{cls}",  # noqa: E731
                                 "init_args": {"split": split, "size": 2, "image_size": 64}}
     evals = {"captions": small("SyntheticCaptions", "val")}
     overlay = {

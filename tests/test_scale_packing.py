@@ -1,12 +1,12 @@
-"""Issue 7, packing: several documents per row with per-document attention give the losses (CE and regression,
+"""Packing: several documents per row with per-document attention give the losses (CE and regression,
 both target spaces) and gradients of the same documents unpacked, one per row."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from emu_lightning.data.packing import PackingCollator
-from emu_lightning.data.sequence import SequenceCollator
+from emu_lightning.data.layout.packing import PackingCollator
+from emu_lightning.data.layout.sequence import SequenceCollator
 from tests.helpers import IMAGE_SIZE, tiny_stage2
 
 

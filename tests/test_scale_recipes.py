@@ -1,4 +1,4 @@
-"""Issue 7: real-size recipes shard one FSDP unit per component block (`block_cls`) with activation checkpointing
+"""Real-size recipes shard one FSDP unit per component block (`block_cls`) with activation checkpointing
 chosen per part, and the strategy turns that into exactly those modules."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 7, local pretrained weights: a LLaMA folder in HF's sharded safetensors layout loads exactly, and one
+"""Local pretrained weights: a LLaMA folder in HF's sharded safetensors layout loads exactly, and one
 whose keys do not match is refused with the missing and unexpected keys listed (EVA state-dict files, SD / SDXL
 diffusers folders: tests/components/test_parity.py and tests/test_decoder.py)."""
 from __future__ import annotations

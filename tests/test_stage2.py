@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emu_lightning.data.sequence import SequenceCollator
+from emu_lightning.data.layout.sequence import SequenceCollator
 from tests.helpers import IMAGE_SIZE, tiny_stage1, tiny_stage2
 
 SPACES = ["meanpool", "cformer"]  # Emu2 (pooled targets) and Emu1 (adapter-space targets + [/IMG])

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from emu_lightning.data.fewshot import few_shot_segments, first_answer, random_demos, rices_demos
-from emu_lightning.data.mixture import SourceMixture, step_counts
-from emu_lightning.data.sequence import Layout, SequenceCollator, SkipSample
-from emu_lightning.data.tokens import IMAGE
+from emu_lightning.data.layout.fewshot import few_shot_segments, first_answer, random_demos, rices_demos
+from emu_lightning.data.modules.mixture import SourceMixture, step_counts
+from emu_lightning.data.layout.sequence import Layout, SequenceCollator, SkipSample
+from emu_lightning.data.layout.tokens import IMAGE
 from tests.helpers import tiny_stage2, tiny_stage2_datamodule
 
 N = 4
@@ -148,7 +148,7 @@ def _write_real(tmp_path):
 
 
 def test_real_format_sources_through_the_datamodule(tmp_path):
-    from emu_lightning.data.real_interleaved import Mmc4Documents, VideoFolder
+    from emu_lightning.data.real.interleaved import Mmc4Documents, VideoFolder
 
     _write_real(tmp_path)
     system = tiny_stage2("meanpool")

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _overlay(tmp_path: Path) -> str:
-    small = lambda cls, split: {"class_path": f"emu_lightning.data.synthetic.{cls}",  # noqa: E731
+    small = lambda cls, split: {"class_path": f"emu_lightning.data.synthetic.scenes.{cls}",  # noqa: E731
                                 "init_args": {"split": split, "size": 3, "image_size": 64}}
     evals = {"captions": small("SyntheticCaptions", "val"), "vqa": small("SyntheticVQA", "val"),
              "videos": small("SyntheticVideos", "val")}

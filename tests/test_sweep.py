@@ -12,8 +12,8 @@ import pytest
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from emu_lightning.sweep import expand, load_sweep, overlay, plan, run_sweep
-from emu_lightning.sweep_results import collect, read_scalars, write_results
+from emu_lightning.sweeps.runner import expand, load_sweep, overlay, plan, run_sweep
+from emu_lightning.sweeps.results import collect, read_scalars, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "recipes" / "debug" / "stage1_cformer.yaml"
@@ -173,7 +173,7 @@ def test_read_scalars_counts_a_repeated_step_once(tmp_path):
 def test_real_sweep_records_a_failure_resumes_and_tables(tmp_path):
     """Two configurations through the real CLI at once: one trains 2 steps, one has a bad value. The failure
     is recorded with its error, the other finishes; a second invocation runs nothing."""
-    small = {"class_path": "emu_lightning.data.synthetic.SyntheticCaptions",
+    small = {"class_path": "emu_lightning.data.synthetic.scenes.SyntheticCaptions",
              "init_args": {"split": "val", "size": 4, "image_size": 64}}
     path = _sweep(tmp_path, overrides={"trainer.max_steps": 2, "trainer.val_check_interval": 2,
                                        "trainer.limit_val_batches": 1, "trainer.log_every_n_steps": 1,
@@ -197,7 +197,7 @@ def test_real_sweep_records_a_failure_resumes_and_tables(tmp_path):
 
     stamps = {r["run"]: json.loads((out / r["run"] / "status.json").read_text())["started"] for r in rows}
     log_size = (ok_dir / "run.log").stat().st_size
-    cmd = [sys.executable, "-m", "emu_lightning.sweep", str(path), "--out", str(out), "--dry-run"]
+    cmd = [sys.executable, "-m", "emu_lightning.sweeps.runner", str(path), "--out", str(out), "--dry-run"]
     listing = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     assert listing.count("skip") == 2 and "todo" not in listing
     rows_again, _ = run_sweep(path, out=out, parallel=2, threads=1)
@@ -206,7 +206,7 @@ def test_real_sweep_records_a_failure_resumes_and_tables(tmp_path):
 
 
 def test_error_summary_takes_the_exception_line(tmp_path):
-    from emu_lightning.sweep import _error_summary
+    from emu_lightning.sweeps.runner import _error_summary
 
     log = tmp_path / "run.log"
     log.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
@@ -232,7 +232,7 @@ def test_sigterm_stops_the_sweep_and_its_run_which_is_resumed_next_time(tmp_path
     path = _sweep(tmp_path, overrides={"trainer.max_steps": 10000, "data.init_args.num_workers": 0},
                   grid={"model.init_args.warmup": [0.0]})
     out = tmp_path / "out"
-    sweep = subprocess.Popen([sys.executable, "-m", "emu_lightning.sweep", str(path), "--out", str(out),
+    sweep = subprocess.Popen([sys.executable, "-m", "emu_lightning.sweeps.runner", str(path), "--out", str(out),
                               "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     status = out / "warmup=0.0" / "status.json"
     deadline = time.time() + 60
@@ -243,7 +243,7 @@ def test_sigterm_stops_the_sweep_and_its_run_which_is_resumed_next_time(tmp_path
     assert sweep.wait(timeout=60) == 143
     assert _alive_with(str(out / "warmup=0.0" / "overlay.yaml")) == []          # the child was stopped too
     assert json.loads(status.read_text())["state"] == "interrupted"
-    cmd = [sys.executable, "-m", "emu_lightning.sweep", str(path), "--out", str(out), "--dry-run"]
+    cmd = [sys.executable, "-m", "emu_lightning.sweeps.runner", str(path), "--out", str(out), "--dry-run"]
     assert subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.startswith("todo  warmup=0.0")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from emu_lightning.data.synthetic import (
+from emu_lightning.data.synthetic.scenes import (
     COLORS,
     HELDOUT_PAIRS,
     NUM_FRAMES,

@@ -17,7 +17,7 @@ HEADS = {"queries": "head_queries_debug.yaml", "autoregressive": "head_autoregre
 
 
 def _small(split: str, n: int = 4) -> dict:
-    return {"class_path": "emu_lightning.data.synthetic.SyntheticCaptions",
+    return {"class_path": "emu_lightning.data.synthetic.scenes.SyntheticCaptions",
             "init_args": {"split": split, "size": n, "image_size": 64}}
 
 
@@ -95,7 +95,7 @@ def test_decoder_tunes_on_generated_embeddings_of_a_t2i_run(chain, monkeypatch):
         assert key in metrics and torch.isfinite(metrics[key]), (key, sorted(metrics))
     assert set(cli.model.handoff_report.loaded) == {"encoder", "adapter", "unet"}
     # Inference rebuilds the tuned decoder from anywhere: the generator (a relative path here) is training-only.
-    from emu_lightning.infer import load_decoder
+    from emu_lightning.inference.infer import load_decoder
 
     monkeypatch.chdir(tmp.parent)
     loaded = load_decoder(str(cli.trainer.log_dir))

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from emu_lightning.data.collate import IGNORE, CaptionCollator
-from emu_lightning.data.tokenizer import load_tokenizer
-from emu_lightning.data.tokens import SPECIAL_TOKENS, SpecialIds
+from emu_lightning.data.layout.collate import IGNORE, CaptionCollator
+from emu_lightning.data.layout.tokenizer import load_tokenizer
+from emu_lightning.data.layout.tokens import SPECIAL_TOKENS, SpecialIds
 
 
 @pytest.mark.parametrize("text", ["a large red circle at the top left.", "Q: what color? A: blue!", "ünïcode 42"])
@@ -26,7 +26,7 @@ def test_special_tokens_are_single_ids(tokenizer):
 
 
 def test_synthetic_tokenizer_is_deterministic(tokenizer):
-    from emu_lightning.data.tokenizer import _synthetic_tokenizer
+    from emu_lightning.data.layout.tokenizer import _synthetic_tokenizer
 
     _synthetic_tokenizer.cache_clear()
     again = load_tokenizer()

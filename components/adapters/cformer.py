@@ -1,6 +1,6 @@
 """Emu1 C-Former (Causal Transformer): learned queries read the EVA tokens through a T5 decoder stack.
 
-Follows the Emu paper (P1, "Causal Transformer") and the released module (spec §1, §8):
+Follows the Emu paper ("Causal Transformer") and the released module (docs/design.md §1, §8):
 `ln_visual` LayerNorm over all encoder tokens (CLS kept) -> 32 learned queries N(0, 0.02) as the
 inputs of a T5 decoder stack (causal self-attention with relative position bias computed in block 0
 and shared, cross-attention whose K/V take the vision width, ReLU FFN, RMS pre-norm, no 1/√d scaling)

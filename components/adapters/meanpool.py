@@ -1,6 +1,6 @@
 """Emu2 visual adapter: mean-pool the square patch grid, then `project_up` into the LLM width.
 
-Follows the Emu2 paper (P2) and release (spec §1, §8): EVA-02 tokens with CLS dropped form a
+Follows the Emu2 paper and release (docs/design.md §1, §8): EVA-02 tokens with CLS dropped form a
 (side×side) row-major grid; average pooling to grid×grid (8×8 = 64 tokens for Emu2, 16×16 for Chat)
 is followed by a bias-free Linear(D_enc → D_llm).
 
@@ -37,7 +37,7 @@ class MeanPoolProjector(nn.Module):
         return self.project_up(self.pool(feats))
 
     def pool(self, feats: Tensor) -> Tensor:
-        """(B,L,D_enc) -> (B,grid²,D_enc): the pooled EVA tokens, Emu2's regression targets (spec §2)."""
+        """(B,L,D_enc) -> (B,grid²,D_enc): the pooled EVA tokens, Emu2's regression targets (docs/design.md §2)."""
         B, L, D = feats.shape
         side = math.isqrt(L)
         if side * side != L:

@@ -1,4 +1,4 @@
-"""Noise schedulers by name and the classifier-free-guidance sampling loop (EMU_SPEC §4).
+"""Noise schedulers by name and the classifier-free-guidance sampling loop (docs/design.md §4).
 
 ε = ε_u + s·(ε_c − ε_u): the conditional and the unconditional (null-embedding) predictions are computed
 in one doubled batch, as diffusers' pipelines do. Emu1 samples with PNDM 50 steps, CFG 7.5 (10 in-context,
@@ -18,7 +18,7 @@ from torch import Tensor
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler,
               "euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}
 
-# The SD / SDXL schedule (EMU_SPEC §4): scaled-linear β 0.00085–0.012 over 1000 steps, ε-prediction, and
+# The SD / SDXL schedule (docs/design.md §4): scaled-linear β 0.00085–0.012 over 1000 steps, ε-prediction, and
 # their sampler settings: no x0 clipping (latents are not in [-1, 1]), PLMS-only PNDM, `leading` spacing.
 SD_SCHEDULE: dict[str, Any] = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
                                "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon",

@@ -1,6 +1,6 @@
 """Where the decoder denoises: pixels (the smallest debug preset) or the latents of a frozen `AutoencoderKL`.
 
-Both map images in [-1, 1] to the diffusion space and back. The VAE is always frozen (EMU_SPEC §4); latents
+Both map images in [-1, 1] to the diffusion space and back. The VAE is always frozen (docs/design.md §4); latents
 are scaled by the VAE's `scaling_factor` (SD 0.18215, SDXL 0.13025) so the UNet sees unit-variance inputs.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The decoder's denoiser: a plain diffusers `UNet2DConditionModel` plus how visual embeddings condition it.
 
 Emu's decoder is an SD-style UNet whose cross-attention reads the N visual embeddings instead of CLIP text
-states (EMU_SPEC §4): Emu1 re-makes the K/V projections for 5120-d input (32 tokens), Emu2 reads 64×1792
+states (docs/design.md §4): Emu1 re-makes the K/V projections for 5120-d input (32 tokens), Emu2 reads 64×1792
 pooled EVA tokens and also feeds their mean as SDXL's `text_embeds` through the added-conditioning path.
 
 Everything outside the UNet is a small, exportable `prepare` step:
@@ -95,7 +95,7 @@ class VisualDecoderUNet(nn.Module):
         self.cond_dim, self.num_tokens, self.pooled, self.grid_channels = cond_dim, num_tokens, pooled, grid_channels
         kwargs = dict(unet or {})
         kwargs.setdefault("cross_attention_dim", cond_dim)
-        if pooled:  # SDXL's added conditioning: text_embeds (D) + 6 time ids × 256 (EMU_SPEC §4)
+        if pooled:  # SDXL's added conditioning: text_embeds (D) + 6 time ids × 256 (docs/design.md §4)
             kwargs.setdefault("addition_embed_type", "text_time")
             kwargs.setdefault("addition_time_embed_dim", 256)
             kwargs["projection_class_embeddings_input_dim"] = cond_dim + 6 * kwargs["addition_time_embed_dim"]

@@ -1,6 +1,6 @@
 """EVA vision encoder (timm): raw block output for Emu (EVA-01-CLIP-g) and Emu2 (EVA-02-CLIP-E-plus).
 
-Follows spec §1 / §8: the feature is the raw output of one transformer block (the last by default),
+Follows docs/design.md §1 / §8: the feature is the raw output of one transformer block (the last by default),
 with no final norm, no pooling and no head. Emu1 keeps the CLS token (257 tokens at 224 px); Emu2
 drops it (1024 tokens at 448 px) before mean pooling.
 
@@ -77,7 +77,7 @@ class EVAEncoder(nn.Module):
         self.block_index = layer % n_blocks
         if checkpoint_path is not None:
             self._load(trunk, checkpoint_path)
-        # Keep blocks[:block_index+1]; final norm and head are unused (spec §8: raw block output).
+        # Keep blocks[:block_index+1]; final norm and head are unused (docs/design.md §8: raw block output).
         trunk.prune_intermediate_layers([self.block_index], prune_norm=True, prune_head=True)
         self.trunk = trunk
         self.drop_cls = drop_cls

@@ -1,4 +1,4 @@
-"""The papers' head (Emu, Emu2; EMU_SPEC §2, §5): position t regresses the `<image>` at t+1, and generation
+"""The papers' head (Emu, Emu2; docs/design.md §2, §5): position t regresses the `<image>` at t+1, and generation
 feeds each prediction back as the next input (KV-cached, `components.generation`).
 
 Optional noise augmentation after Pasini et al. 2024 ("Continuous Autoregressive Models with Noise

@@ -1,9 +1,9 @@
 """LLaMA language model (transformers `LlamaForCausalLM`) behind the `CausalLM` protocol.
 
-Follows spec §1: LLaMA-13B for Emu1 and LLaMA-33B for Emu2, with the multimodal specials appended to
-the vocabulary (new rows = mean of the old rows, spec §2). Built from a config, or loaded from a local
+Follows docs/design.md §1: LLaMA-13B for Emu1 and LLaMA-33B for Emu2, with the multimodal specials appended to
+the vocabulary (new rows = mean of the old rows, docs/design.md §2). Built from a config, or loaded from a local
 Hugging Face directory. `forward` returns the last hidden state **after** the final RMSNorm, which is
-what the regression head reads (spec §8).
+what the regression head reads (docs/design.md §8).
 
 Contract: embeds (B,T,D_llm), mask (B,T_past+T) 1 = token / 0 = pad -> hidden (B,T,D_llm), cache.
 Position ids come from the mask (cumsum - 1) exactly as HF `generate` builds them, so a training forward

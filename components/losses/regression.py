@@ -1,4 +1,4 @@
-"""Regression of visual embeddings (EMU_SPEC §2; docs/generation_heads.md): targets are detached.
+"""Regression of visual embeddings (docs/design.md §2; docs/generation_heads.md): targets are detached.
 
 Objectives: `mse` (the papers' ℓ2, mean over positions × dims), `cosine` (1 − cosine per position, SEED-X's
 choice: direction only), `mse+cosine` (their sum).

@@ -1,4 +1,4 @@
-"""Shifted next-token cross-entropy (EMU_SPEC §2): position t predicts token t+1; label -100 = no loss."""
+"""Shifted next-token cross-entropy (docs/design.md §2): position t predicts token t+1; label -100 = no loss."""
 from __future__ import annotations
 
 import torch.nn.functional as F

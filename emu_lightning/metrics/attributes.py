@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from emu_lightning.data.synthetic import HELDOUT_PAIRS, Scene, object_hits, parse_caption
+from emu_lightning.data.synthetic.scenes import HELDOUT_PAIRS, Scene, object_hits, parse_caption
 
 OBJECT_ATTRS = ("color", "shape", "size", "position", "all")
 PAIR_ATTRS = ("color", "shape", "all")

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from emu_lightning.data.synthetic import COLORS, POSITIONS, SHAPES, Scene, SyntheticCaptions
+from emu_lightning.data.synthetic.scenes import COLORS, POSITIONS, SHAPES, Scene, SyntheticCaptions
 
 EMPTY = 6  # class index of an empty cell, in both heads
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)

@@ -19,10 +19,10 @@ from components.base import Adapter, CausalLM, VisualEncoder
 from components.multimodal import scatter_visual
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from emu_lightning.checkpoint_io import rng_state, set_rng_state
-from emu_lightning.checkpointing import load_parts
-from emu_lightning.data.tokenizer import load_tokenizer
-from emu_lightning.data.tokens import SpecialIds
+from emu_lightning.checkpoints.io import rng_state, set_rng_state
+from emu_lightning.checkpoints.handoff import load_parts
+from emu_lightning.data.layout.tokenizer import load_tokenizer
+from emu_lightning.data.layout.tokens import SpecialIds
 from emu_lightning.systems.guard import NonFiniteGuard
 from emu_lightning.systems.policy import StagePolicy
 

@@ -1,10 +1,10 @@
-"""Visual decoder (EMU_SPEC §4): a diffusion UNet trained as the decoder half of an autoencoder.
+"""Visual decoder (docs/design.md §4): a diffusion UNet trained as the decoder half of an autoencoder.
 
 image → frozen encoder (+ adapter) → N visual embeddings → UNet (cross-attention on them) → the same image.
 Only the UNet trains; the encoder, adapter and VAE stay frozen (checked here and by the trainable audit).
 The condition is Emu2's pooled EVA tokens (`condition: pooled`, no LLM) or Emu1's adapter outputs
 (`condition: adapter`, the C-Former outputs in autoencoder mode). At sampling time the LLM's regressed
-embeddings replace them (see `emu_lightning.pipelines`).
+embeddings replace them (see `emu_lightning.inference.pipelines`).
 
 Validation reconstructs every image from its embeddings with classifier-free guidance and reports PSNR /
 SSIM, FID (feature network named by `fid_feature`) and, on synthetic scenes, whether each object's shape
@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from components.base import Adapter, VisualEncoder
+from components.base import Adapter, PooledAdapter, VisualEncoder
 from components.decoder.sampling import SD_SCHEDULE, make_scheduler, sample
 from components.decoder.space import LatentSpace, PixelSpace
 from components.decoder.unet import VisualDecoderUNet
-from emu_lightning.data.datamodule import denormalize
-from emu_lightning.data.tokenizer import load_tokenizer
+from emu_lightning.data.modules.captions import denormalize
+from emu_lightning.data.layout.tokenizer import load_tokenizer
 from emu_lightning.metrics.image_quality import make_fid, reconstruction_metrics
 from emu_lightning.metrics.semantic import SemanticAccuracy, load_scene_classifier
 from emu_lightning.systems.base import PartsSystem, _adamw
@@ -59,12 +59,15 @@ class DecoderSystem(PartsSystem):
         image_size: side of the decoder's output image.
         noise_schedule: DDPM training schedule kwargs over the SD default (scaled-linear β, 1000 steps);
             its `prediction_type` (epsilon / sample / v_prediction) is also what sampling reads.
-        cond_drop: probability that a training condition is replaced by the null embedding (spec: 0.1).
+        cond_drop: probability that a training condition is replaced by the null embedding (0.1 in both papers,
+            docs/design.md §4).
         noise_offset: Emu2's offset noise (0.1): noise += offset · randn(B,C,1,1).
-        null_condition: `zero_image` (features of an all-zero normalised image, the spec's default) or `zeros`.
+        null_condition: `zero_image` (the default: features of an all-zero normalised image, docs/design.md §4)
+            or `zeros`.
         ema_decay: keep an EMA of the UNet weights (used for sampling) when set, e.g. 0.999.
         init_from / handoff: checkpoint and {part: source prefix} for the frozen encoder and adapter.
-        sampler / sample_steps / guidance_scale: evaluation sampling (spec: Emu1 pndm 50 / 7.5, Emu2 euler 50 / 3).
+        sampler / sample_steps / guidance_scale: evaluation sampling (Emu1 pndm 50 / 7.5, Emu2 euler 50 / 3;
+            docs/design.md §4).
         semantic_classifier: path of a trained scene classifier (safetensors); None skips the semantic check.
         fid_feature: FID feature network: `scene` (the scene classifier's features, no download) or
             `inception` with `fid_weights` a local Inception file; None skips FID.
@@ -97,11 +100,12 @@ class DecoderSystem(PartsSystem):
             raise ValueError(f"condition={condition!r}; expected one of {CONDITIONS}")
         if null_condition not in NULL_CONDITIONS:
             raise ValueError(f"null_condition={null_condition!r}; expected one of {NULL_CONDITIONS}")
-        if condition == "pooled" and not hasattr(adapter, "pool"):
+        if condition == "pooled" and not isinstance(adapter, PooledAdapter):
             raise ValueError(f"condition='pooled' needs an adapter with pool() (Emu2's MeanPoolProjector); "
                              f"{type(adapter).__name__} has none: use condition='adapter'")
         if self.policy.trainable != ["unet"]:
-            raise ValueError(f"the decoder trains the UNet only (EMU_SPEC §4); policy.trainable={self.policy.trainable}")
+            raise ValueError(f"the decoder trains the UNet only (docs/design.md §4); "
+                             f"policy.trainable={self.policy.trainable}")
         width = adapter.in_dim if condition == "pooled" else adapter.out_dim
         if width != unet.cond_dim:
             raise ValueError(f"conditioning width {width} (condition={condition!r} of {type(adapter).__name__}) does "
@@ -143,7 +147,7 @@ class DecoderSystem(PartsSystem):
         # In a list, not as an attribute: the frozen generator must not become a submodule (checkpoint, audit).
         self._generator: list[nn.Module] = []
         if generator:   # loaded now, so a generator that does not fit stops the run before any data is read
-            from emu_lightning.infer import load_model
+            from emu_lightning.inference.infer import load_model
 
             g = load_model(generator).eval().requires_grad_(False)
             check_pairing(g, unet, condition, f"generator {generator}")

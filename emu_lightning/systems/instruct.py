@@ -1,15 +1,15 @@
-"""Instruction tuning (EMU_SPEC §2-3): Emu-I / Emu2-Chat (`ChatSystem`) and Emu2-Gen (`GenSystem`).
+"""Instruction tuning (docs/design.md §2-3): Emu-I / Emu2-Chat (`ChatSystem`) and Emu2-Gen (`GenSystem`).
 
 Both are stage-2 models tuned further from a stage-2 checkpoint (`init_from`, the regression head included),
 with the same forward pass; what differs is the data and which loss counts:
 
-- chat: conversations in the chat template (`data/chat.py`, the one place the format lives), cross-entropy on
-  the answers and their `</s>` only, no image loss (spec §2: Emu2-Chat uses the text loss only). Evaluation
-  asks each held-out conversation's last question with the template's generation prompt and scores the
+- chat: conversations in the chat template (`data/layout/chat.py`, the one place the format lives), cross-entropy
+  on the answers and their `</s>` only, no image loss (docs/design.md §2: Emu2-Chat uses the text loss only).
+  Evaluation asks each held-out conversation's last question with the template's generation prompt and scores the
   answer with VQA accuracy (`<set>/answer_acc`);
 - gen: instruction → image, with grounding tokens (`<p>phrase</p><coor><loc…>×4</coor>`) and reference images,
-  ℓ2 regression of the last image only, no text loss (spec §2). Evaluation regresses the image from the
-  instruction alone (KV-cached loop) and compares it with the encoder's embeddings (`<set>/gen_cos`, `gen_mse`).
+  ℓ2 regression of the last image only, no text loss (docs/design.md §2). Evaluation regresses the image from
+  the instruction alone (KV-cached loop) and compares it with the encoder's embeddings (`<set>/gen_cos`, `gen_mse`).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from emu_lightning.data.chat import ChatTemplate, chat_template, conversation_turns
-from emu_lightning.data.fewshot import first_answer
+from emu_lightning.data.layout.chat import ChatTemplate, chat_template, conversation_turns
+from emu_lightning.data.layout.fewshot import first_answer
 from emu_lightning.metrics.vqa import VQAAccuracy
 from emu_lightning.systems.stage2 import Stage2System
 
@@ -46,7 +46,7 @@ class ChatSystem(Stage2System):
     Args:
         template: the chat template: a preset (`emu1`, `emu2_chat`, `plain`) or a dict of `ChatTemplate` fields.
             The CLI copies it into the datamodule, which renders the training conversations with it.
-        text_weight, regression_weight: 1 and 0: answer-only cross-entropy (Emu2-Chat, spec §2).
+        text_weight, regression_weight: 1 and 0: answer-only cross-entropy (Emu2-Chat, docs/design.md §2).
     """
 
     def __init__(self, *args: Any, template: str | dict = "emu2_chat", text_weight: float = 1.0,
@@ -88,7 +88,7 @@ class ChatSystem(Stage2System):
 
 class GenSystem(Stage2System):
     """Generation tuning. Arguments of `Stage2System`, with text_weight 0 and regression_weight 1 (Emu2-Gen: the
-    image loss only, on the last image; spec §2), plus:
+    image loss only, on the last image; docs/design.md §2), plus:
 
     Args:
         self_feedback: probability that a regressed `<image>` input row is replaced, in training, by the model's

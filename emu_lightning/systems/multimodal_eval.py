@@ -1,4 +1,4 @@
-"""Validation and test of the multimodal stages (EMU_SPEC §6), as a mixin of a system with `losses`,
+"""Validation and test of the multimodal stages (docs/design.md §6), as a mixin of a system with `losses`,
 `generate_text` and `generate_image_embeddings`.
 
 Per named evaluation set, logged as `<set>/<metric>`:
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from emu_lightning.data.fewshot import few_shot_segments, first_answer, random_demos, rices_demos, task_of
+from emu_lightning.data.layout.fewshot import few_shot_segments, first_answer, random_demos, rices_demos, task_of
 from emu_lightning.metrics.cider import CIDErD
 from emu_lightning.metrics.embedding import EmbeddingSimilarity
 from emu_lightning.metrics.vqa import VQAAccuracy
@@ -103,7 +103,7 @@ class MultimodalEval:
         decoder, judge = self.eval_generation_parts()
         if decoder is None or not scenes or any(sc is None for sc in scenes):
             return
-        from emu_lightning.data.datamodule import denormalize
+        from emu_lightning.data.modules.captions import denormalize
         from emu_lightning.metrics.semantic import SemanticAccuracy
 
         images = decoder.to(self.device).decode(generated, guidance=self.eval_guidance, steps=self.eval_sample_steps,

@@ -1,4 +1,4 @@
-"""StagePolicy: what a stage trains and at which learning rate (EMU_SPEC §3), stated once in the recipe.
+"""StagePolicy: what a stage trains and at which learning rate (docs/design.md §3), stated once in the recipe.
 
 Freezing, optimizer parameter groups and the trainable-parameter audit all read this one object.
 """

@@ -1,4 +1,4 @@
-"""Stage 1, image captioning (EMU_SPEC §3): image → encoder → adapter → LLM, cross-entropy on caption tokens.
+"""Stage 1, image captioning (docs/design.md §3): image → encoder → adapter → LLM, cross-entropy on the caption.
 
 Validation and test decode captions from `<s>[IMG]<image>×N[/IMG]` (greedy and beam search) and score them
 with CIDEr-D per evaluation set; on synthetic scenes also with attribute accuracy (is each shape's color,

@@ -1,4 +1,4 @@
-"""Stage 2, unified pretraining (EMU_SPEC §2, §3): next-element prediction over interleaved image-text.
+"""Stage 2, unified pretraining (docs/design.md §2, §3): next-element prediction over interleaved image-text.
 
 One LLM predicts the next element of a multimodal sequence: a word (cross-entropy on text tokens and
 `</s>`) or a visual embedding (ℓ2 regression of the regression head's output). Position t regresses the
@@ -25,13 +25,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from components.base import PooledAdapter
 from components.heads.base import ProjectionHead
 from components.losses.regression import OBJECTIVES, regression_loss
 from components.losses.text import token_ce
 from components.multimodal import image_run_index
-from emu_lightning.data.sequence import SequenceCollator, pad
+from emu_lightning.data.layout.sequence import SequenceCollator, pad
 from emu_lightning.systems.base import EmuSystem
 from emu_lightning.systems.multimodal_eval import MultimodalEval
 
@@ -57,7 +58,7 @@ class Stage2System(MultimodalEval, EmuSystem):
         selection: how demonstrations are chosen for k > 0: `random` (seeded) and/or `rices` (nearest images).
         max_new_tokens: longest generated caption; answers get `answer_max_new_tokens`.
         answer_max_new_tokens: longest generated VQA answer (Emu2: 10).
-        num_beams: beams of few-shot decoding (spec: 5; 1 = greedy, the CPU default of debug recipes).
+        num_beams: beams of few-shot decoding (docs/design.md §5: 5; 1 = greedy, the CPU default of debug recipes).
         eval_decoder: a trained visual decoder (run directory, checkpoint or `decoder_export` folder) conditioned on
             this model's target space: evaluation then decodes text → image and judges it (`<set>/t2i_*`).
             Frozen and kept out of this system's checkpoint; checked against the head at start-up.
@@ -75,11 +76,11 @@ class Stage2System(MultimodalEval, EmuSystem):
                  eval_sample_steps: int | None = None, **kwargs: Any):
         super().__init__(*args, extra_parts={"regression_head": regression_head}, **kwargs)
         if "encoder" in self.policy.trainable:
-            raise ValueError("stage 2 trains with the encoder frozen (EMU_SPEC §3): remove 'encoder' from "
+            raise ValueError("stage 2 trains with the encoder frozen (docs/design.md §3): remove 'encoder' from "
                              f"policy.trainable={self.policy.trainable}")
         if target_space not in TARGET_SPACES:
             raise ValueError(f"target_space={target_space!r}; expected one of {TARGET_SPACES}")
-        if target_space == "pooled" and not (hasattr(self.adapter, "pool") and hasattr(self.adapter, "project_up")):
+        if target_space == "pooled" and not isinstance(self.adapter, PooledAdapter):
             raise ValueError(f"target_space='pooled' needs an adapter with pool() and project_up() (Emu2's "
                              f"MeanPoolProjector); {type(self.adapter).__name__} has none: use 'adapter'")
         want = self.llm.hidden_dim if target_space == "adapter" else self.adapter.in_dim
@@ -108,7 +109,7 @@ class Stage2System(MultimodalEval, EmuSystem):
             raise ValueError(f"judged text-to-image evaluation needs both eval_decoder and eval_judge; got "
                              f"eval_decoder={eval_decoder!r}, eval_judge={eval_judge!r}")
         if eval_decoder:   # loaded now: a decoder that does not fit stops the run before any data is read
-            from emu_lightning.infer import load_decoder
+            from emu_lightning.inference.infer import load_decoder
             from emu_lightning.metrics.semantic import load_scene_classifier
             from emu_lightning.systems.decoder import check_pairing
 
@@ -282,8 +283,8 @@ class Stage2System(MultimodalEval, EmuSystem):
 
     @torch.no_grad()
     def generate_image_embeddings(self, docs: list[list[tuple[str, Any]]], use_cache: bool = True) -> Tensor:
-        """Prompts as segment lists → (B,N,D_tgt) embeddings of the image after `[IMG]` (spec §5), in the target
-        space, by the head's loop."""
+        """Prompts as segment lists → (B,N,D_tgt) embeddings of the image after `[IMG]` (docs/design.md §5), in the
+        target space, by the head's loop."""
         embeds, mask = self._prompt(docs, [self.ids.img])
         return self.regression_head.generate(self.llm, self.feedback, embeds, mask, self.num_image_tokens, use_cache)
 

@@ -34,7 +34,7 @@ def test_cformer_matches_hf_t5_decoder_stack() -> None:
     assert sorted(missing) == ["causal_tokens", "ln_visual.bias", "ln_visual.weight",
                                "projection.bias", "projection.weight"]
     assert not unexpected
-    # Only block 0 owns a relative position bias (shared by all blocks, spec §8).
+    # Only block 0 owns a relative position bias (shared by all blocks, docs/design.md §8).
     assert [k for k in ours.state_dict() if "relative_attention_bias" in k] == [
         "cformer.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
 

@@ -20,9 +20,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
-from emu_lightning.data.datamodule import image_transform
-from emu_lightning.data.sequence import Layout, SequenceCollator
-from emu_lightning.data.synthetic import SyntheticCaptions
+from emu_lightning.data.modules.captions import image_transform
+from emu_lightning.data.layout.sequence import Layout, SequenceCollator
+from emu_lightning.data.synthetic.scenes import SyntheticCaptions
 from emu_lightning.systems.policy import StagePolicy
 from emu_lightning.systems.sharding import EmuModelParallelStrategy
 from tests.helpers import IMAGE_SIZE, tiny_stage2

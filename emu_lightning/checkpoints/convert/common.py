@@ -1,0 +1,182 @@
+"""Shared machinery of the released-checkpoint converters (docs/design.md §8).
+
+A release is described by a list of `KeyMap`s, each pairing a released key pattern with our key pattern (or with
+nothing, for a released tensor our components do not use). Conversion applies the first map that matches each
+released key; a key no map matches, or two keys landing on one of ours, is an error that lists them. Tensors our
+components do not use are never dropped: they are written aside (`released_extra.pt`) so that exporting back to the
+released layout gives every released tensor, identical.
+
+Patterns use `{}` for "one or more characters", the same group on both sides:
+`KeyMap("visual.{}", "encoder.trunk.{}", ...)` maps `visual.blocks.0.norm1.weight`
+→ `encoder.trunk.blocks.0.norm1.weight`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+class ConversionError(ValueError):
+    """A released checkpoint that cannot be converted: the message names the file and the keys."""
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """One released parameter group and where it lands.
+
+    Args:
+        released: released key pattern (`{}` = any non-empty text).
+        ours: our key pattern with the same `{}` count; None = not used by our components (kept aside).
+        group: the released parameter group, as named in the report table.
+        to_ours: tensor transform released → ours (e.g. a reshape); `to_released` is its inverse.
+    """
+
+    released: str
+    ours: str | None
+    group: str
+    to_ours: Callable[[Tensor], Tensor] = _identity
+    to_released: Callable[[Tensor], Tensor] = _identity
+
+    def match(self, key: str, side: str) -> tuple[str, ...] | None:
+        pattern = self.released if side == "released" else self.ours
+        if pattern is None:
+            return None
+        m = _regex(pattern).fullmatch(key)
+        return m.groups() if m else None
+
+
+def _regex(pattern: str) -> re.Pattern:
+    return re.compile(re.escape(pattern).replace(r"\{\}", "(.+?)"))
+
+
+@dataclass
+class Conversion:
+    """The result of mapping a released state dict: our tensors, the unused released ones, and the plan."""
+
+    ours: dict[str, Tensor]
+    aside: dict[str, Tensor]
+    plan: dict[str, str] = field(default_factory=dict)   # released key → our key, or "unused: <group>"
+
+
+def to_ours(state: dict[str, Tensor], maps: list[KeyMap], source: str) -> Conversion:
+    """Map every released key through the first matching `KeyMap`; unmatched or colliding keys raise."""
+    out = Conversion({}, {})
+    unmatched, collisions = [], []
+    for key, value in state.items():
+        rule = next((m for m in maps if m.match(key, "released") is not None), None)
+        if rule is None:
+            unmatched.append(key)
+            continue
+        if rule.ours is None:
+            out.aside[key] = value
+            out.plan[key] = f"unused: {rule.group}"
+            continue
+        target = rule.ours.format(*rule.match(key, "released"))
+        if target in out.ours:
+            collisions.append(f"{key} → {target}")
+        out.ours[target] = rule.to_ours(value)
+        out.plan[key] = target
+    if unmatched or collisions:
+        raise ConversionError(f"{source}: {len(unmatched)} released keys match no known parameter group: "
+                              f"{sorted(unmatched)[:20]}; {len(collisions)} collide: {collisions[:5]}")
+    return out
+
+
+def to_released(ours: dict[str, Tensor], aside: dict[str, Tensor], maps: list[KeyMap],
+                source: str) -> dict[str, Tensor]:
+    """The inverse of `to_ours`: our tensors renamed back, plus the aside tensors."""
+    out, unmatched = dict(aside), []
+    for key, value in ours.items():
+        rule = next((m for m in maps if m.match(key, "ours") is not None), None)
+        if rule is None:
+            unmatched.append(key)
+            continue
+        out[rule.released.format(*rule.match(key, "ours"))] = rule.to_released(value)
+    if unmatched:
+        raise ConversionError(f"{source}: {len(unmatched)} keys have no released counterpart: {sorted(unmatched)[:20]}")
+    return out
+
+
+def read_released(src: str) -> dict[str, Tensor]:
+    """A released state dict from a file (.safetensors / .bin / .pt / .pth) or a folder of shards (an HF
+    `*.index.json`, else every weight file in it). A `{"module": ...}` / `{"state_dict": ...}` wrapper is unwrapped
+    (the released Emu2 loader unwraps "module")."""
+    path = Path(src)
+    if path.is_dir():
+        index = sorted(path.glob("*.index.json"))
+        if index:
+            files = sorted({path / f for f in json.loads(index[0].read_text())["weight_map"].values()})
+        else:
+            files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+        if not files:
+            raise ConversionError(f"{src}: a folder with no weight files (.safetensors/.bin/.pt/.pth or *.index.json)")
+        state: dict[str, Tensor] = {}
+        for f in files:
+            state.update(read_released(str(f)))
+        return state
+    if not path.is_file():
+        raise FileNotFoundError(f"released checkpoint not found: {src}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    for wrapper in ("module", "state_dict", "model"):
+        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ConversionError(f"{src}: not a state dict of tensors")
+    return obj
+
+
+def check_rope(state: dict[str, Tensor], head_dim: int, source: str, theta: float = 10000.0) -> None:
+    """Released LLaMA `rotary_emb.inv_freq` buffers (transformers 4.29 saved them) must be the standard RoPE
+    frequencies that our Llama recomputes; anything else would change the computation."""
+    want = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    bad = [k for k, v in state.items() if k.endswith("rotary_emb.inv_freq")
+           and (v.shape != want.shape or not torch.allclose(v.float(), want, rtol=1e-3))]
+    if bad:
+        raise ConversionError(f"{source}: {bad[:3]} are not the RoPE frequencies 1/{theta:g}^(2i/{head_dim}) that "
+                              f"transformers' Llama computes")
+
+
+def count_blocks(state: dict[str, Tensor], prefix: str) -> int:
+    """Number of `<prefix><i>.` blocks (i = 0..n-1, contiguous) in a state dict."""
+    found = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    if found != set(range(len(found))):
+        raise ConversionError(f"blocks under {prefix!r} are not numbered 0..n-1: {sorted(found)}")
+    return len(found)
+
+
+def mlp_ratio(hidden: int, width: int) -> float:
+    """An MLP ratio r with int(width · r) == hidden, as timm sizes the EVA MLP (hidden / width can round down)."""
+    ratio = hidden / width
+    return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
+
+
+def require(state: dict[str, Tensor], keys: list[str], source: str) -> None:
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ConversionError(f"{source}: missing released keys {missing}")
+
+
+def check_against(ours: dict[str, Tensor], parts: dict[str, torch.nn.Module], source: str) -> None:
+    """Our converted tensors must be exactly the state of the parts the recipe builds (names and shapes)."""
+    want = {f"{name}.{k}": v.shape for name, part in parts.items() for k, v in part.state_dict().items()}
+    missing, unexpected = sorted(set(want) - set(ours)), sorted(set(ours) - set(want))
+    shapes = [f"{k} {tuple(ours[k].shape)} vs {tuple(want[k])}" for k in want.keys() & ours.keys()
+              if tuple(ours[k].shape) != tuple(want[k])]
+    if missing or unexpected or shapes:
+        raise ConversionError(f"{source}: converted weights do not fit our components: missing {missing[:10]} "
+                              f"({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)}), "
+                              f"shapes {shapes[:5]}")

@@ -1,0 +1,202 @@
+"""Source mixture: every training step takes a fixed number of samples from each source (docs/design.md §3).
+
+The papers batch *per source per step* (Emu2 stage 2: image-text 12800, video 6400, interleaved 3200, ...).
+Recipe weights become per-step counts by largest remainder, so a source's share is exact at every step
+and its loss can be logged on its own. Map-style sources are read in a fresh seeded permutation each pass,
+sharded over ranks and workers; an iterable source (tar shards) shards itself, as the reader the mixture
+names (`iter_shard(reader, readers)`), and is restarted when it ends. Each yielded item is one whole step's
+list of documents, laid out and image-transformed in the worker.
+
+Resumable: each step carries the position of its reader after it (`Step.state`: per source the pass and the
+offset in it, and the step count). The layouts' random draws (caption pick, text/image order) come from a
+generator seeded by (seed, reader, step), not from the process RNG, so a step is a pure function of that
+position. `ResumableLoader` records the state of each step the model actually trained on and Lightning saves
+it in the checkpoint; on resume every reader starts where its last consumed step ended, and DataLoader workers
+take the roles they would have had next, so the resumed stream is the uninterrupted one, batch for batch.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from emu_lightning.data.layout.sequence import Layout, SkipSample
+
+
+def step_counts(weights: dict[str, float], batch_size: int) -> dict[str, int]:
+    """Per-step sample count of each source: weights × batch_size, rounded by largest remainder."""
+    if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"source weights must be non-negative with a positive sum, got {weights}")
+    total = sum(weights.values())
+    exact = {k: w / total * batch_size for k, w in weights.items()}
+    counts = {k: math.floor(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: counts[k] - exact[k])[: batch_size - sum(counts.values())]:
+        counts[k] += 1
+    empty = [k for k, w in weights.items() if w > 0 and counts[k] == 0]
+    if empty:
+        raise ValueError(f"sources {empty} get 0 of batch_size={batch_size} samples per step with weights "
+                         f"{weights}: raise batch_size or their weight")
+    return counts
+
+
+def _shard(offset: int = 0) -> tuple[int, int, int]:
+    """(this reader's index, number of readers, workers per rank) over ranks × DataLoader workers.
+
+    `offset` rotates the workers' roles: after a resume at consumed step S the DataLoader starts at worker 0,
+    which must play the reader whose batch came next (S mod workers)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    info = get_worker_info()
+    wid, nw = (info.id, info.num_workers) if info else (0, 1)
+    return rank * nw + (wid + offset) % nw, world * nw, nw
+
+
+class Step(list):
+    """One step's documents, plus `state`: where its reader stands after it (see the module docstring)."""
+
+    state: dict
+
+
+class SourceMixture(IterableDataset):
+    """Endless stream of per-step document lists drawn from named sources.
+
+    Args:
+        sources: name → dataset yielding raw samples (synthetic or real-format dicts).
+        counts: name → samples per step (see `step_counts`).
+        layouts: name → `Layout` that turns a sample into segments.
+        prepare: image transform applied to every PIL image of a sample (images, frames).
+        seed: base of the per-pass permutations of map-style sources.
+        max_skips: a source that skips this many samples in a row raises (a filter that rejects everything).
+    """
+
+    def __init__(self, sources: dict[str, Dataset], counts: dict[str, int], layouts: dict[str, Layout],
+                 prepare: Callable[[Any], Any], seed: int = 0, max_skips: int = 1000):
+        self.sources, self.counts, self.layouts = sources, counts, layouts
+        self.prepare, self.seed, self.max_skips = prepare, seed, max_skips
+
+    resume: dict | None = None  # set by `ResumableLoader.load_state_dict` before the workers start
+
+    def _samples(self, name: str, pos: list[int], me: int, readers: int) -> Iterator[dict]:
+        """Samples of source `name` from `pos` = [pass, offset in this reader's slice of it]; `pos` is advanced
+        in place before each sample is handed out, so it always names the next one."""
+        ds = self.sources[name]
+        for epoch in itertools.count(pos[0]):
+            if isinstance(ds, IterableDataset):
+                # Shards itself; a resume re-reads `offset` samples. After a resume a worker plays another reader
+                # (`_shard`), so a source that can be told which one (`iter_shard`, e.g. WebDatasetPairs) is told.
+                stream = ds.iter_shard(me, readers) if hasattr(ds, "iter_shard") else iter(ds)
+                items = itertools.islice(stream, pos[1], None)
+            else:
+                # Every reader draws the same permutation of this pass and keeps its own slice of it.
+                salt = sorted(self.sources).index(name)
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + salt)
+                order = torch.randperm(len(ds), generator=g)[me::readers].tolist()
+                items = (self._read(ds, i) for i in order[pos[1]:])
+            for sample in items:
+                pos[1] += 1
+                yield sample
+            pos[0], pos[1] = epoch + 1, 0
+
+    @staticmethod
+    def _read(ds: Dataset, index: int) -> dict | SkipSample:
+        # A sample that cannot be read (e.g. `BadImage`) comes back as its SkipSample, to be counted by the step.
+        try:
+            return ds[index]
+        except SkipSample as err:
+            return err
+
+    def _start(self, me: int, readers: int, nw: int) -> dict:
+        """This reader's starting position: fresh, or the one recorded in `resume`."""
+        fresh = {"step": 0, "sources": {name: [0, 0] for name in self.counts}}
+        if self.resume is None:
+            return fresh
+        if self.resume["workers"] != nw:
+            raise ValueError(f"the checkpoint's data position was saved with {self.resume['workers']} DataLoader "
+                             f"workers, this run has {nw}: set num_workers={self.resume['workers']} to resume exactly")
+        if str(me) not in self.resume["readers"] and me >= nw:
+            # Lightning saves rank 0's loader state only: other ranks' readers cannot be placed exactly.
+            warnings.warn(f"reader {me} (a rank > 0) has no saved data position in the checkpoint: it restarts its "
+                          f"stream from the beginning (exact resume covers rank 0's readers only)")
+        state = self.resume["readers"].get(str(me), fresh)
+        if set(state["sources"]) != set(self.counts):
+            raise ValueError(f"the checkpoint's data position covers sources {sorted(state['sources'])}, this run "
+                             f"reads {sorted(self.counts)}")
+        return {"step": state["step"], "sources": {k: list(v) for k, v in state["sources"].items()}}
+
+    def __iter__(self) -> Iterator[Step]:
+        me, readers, nw = _shard(self.resume["offset"] if self.resume else 0)
+        state = self._start(me, readers, nw)
+        blind = [n for n, ds in self.sources.items()
+                 if isinstance(ds, IterableDataset) and not hasattr(ds, "iter_shard")]
+        if blind and self.resume and self.resume["offset"] % nw:
+            warnings.warn(f"streamed sources {blind} shard by worker id and take no reader role (`iter_shard`): "
+                          f"after this resume their workers read other readers' samples (not the exact stream)")
+        streams = {name: self._samples(name, state["sources"][name], me, readers) for name in self.counts}
+        while True:
+            step = Step()
+            # The layouts' draws come from (seed, reader, step), never from the process RNG (see the docstring).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(((self.seed * 1_000_003 + me) * 1_000_033 + state["step"]) % 2**63)
+                for name, n in self.counts.items():
+                    for _ in range(n):
+                        step.append(self._document(name, streams[name]))
+            state["step"] += 1
+            step.state = {"reader": me, "workers": nw, "step": state["step"],
+                          "sources": {k: list(v) for k, v in state["sources"].items()}}
+            yield step
+
+    def _document(self, name: str, stream: Iterator[dict]) -> dict:
+        """The next sample of `stream` that its layout accepts, laid out; skips are counted on the document."""
+        skipped = 0
+        while True:
+            sample = next(stream)
+            try:
+                if isinstance(sample, SkipSample):
+                    raise sample
+                segments = self.layouts[name](sample)
+                break
+            except SkipSample as err:
+                skipped += 1
+                warnings.warn(f"source {name!r}: sample skipped and counted: {err}")
+                if skipped >= self.max_skips:
+                    raise RuntimeError(f"source {name!r}: {skipped} samples skipped in one step; last: {err}") from None
+        return {"id": sample.get("id"), "source": name, "skipped": skipped,
+                "segments": [(k, self._prep(v)) for k, v in segments],
+                "regress": getattr(segments, "regress", "all"), "targets": getattr(segments, "targets", None)}
+
+    def _prep(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return value
+        return [self.prepare(v) for v in value] if isinstance(value, list) else self.prepare(value)
+
+
+class ResumableLoader(DataLoader):
+    """DataLoader over a `SourceMixture` whose position Lightning keeps in checkpoints (`state_dict`).
+
+    The loader runs ahead of training (workers, Lightning's prefetch), so the position is not what it yielded
+    but what the model consumed: the datamodule reports each training batch's `stream_state` via `consumed`.
+    """
+
+    def __init__(self, dataset: SourceMixture, **kwargs: Any):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self.readers: dict[str, dict] = {}   # reader index → state after its last consumed step
+        self.steps = 0                       # steps consumed since the stream began
+
+    def consumed(self, state: dict) -> None:
+        self.readers[str(state["reader"])] = {"step": state["step"], "sources": state["sources"]}
+        self.steps += 1
+        self.workers = state["workers"]
+
+    def state_dict(self) -> dict:
+        workers = getattr(self, "workers", max(1, self.num_workers))
+        return {"steps": self.steps, "workers": workers, "offset": self.steps % workers, "readers": self.readers}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.readers = state["steps"], dict(state["readers"])
+        self.workers = state["workers"]
+        self.dataset.resume = state
