@@ -15,6 +15,8 @@ import signal
 # huggingface_hub reads this once at import, so it is set before anything imports transformers.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import logging
+import warnings
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
@@ -25,6 +27,27 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from callbacks.hparams import ConfigToTensorBoard
 from emu_lightning.checkpoints.io import SafeCheckpointIO, refusal
 from emu_lightning.systems.base import PartsSystem
+
+# Known-benign messages, silenced here so that a run's log shows what needs attention:
+# - the systems move batches themselves (`PartsSystem.transfer_batch_to_device`: scene records are frozen
+#   dataclasses that Lightning's default copy cannot rebuild), and Lightning warns about that on every run
+#   that also has a datamodule;
+# - frozen parts (encoder, VAE, a frozen adapter) are in eval mode on purpose (the recipe's `policy`, audited
+#   by `TrainableAudit`), and Lightning warns about every module in eval mode at fit start;
+# - Lightning 2.6's own pytree helper calls a torch API that torch 2.14 deprecates;
+# - Lightning advertises a cloud logger on every Trainer.
+warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device` in `LightningModule`")
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+class _NoAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_NoAdverts())
 
 
 class EmuCLI(LightningCLI):
@@ -70,9 +93,14 @@ class EmuCLI(LightningCLI):
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> EmuCLI:
-    return EmuCLI(PartsSystem, subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
-                  save_config_callback=ConfigToTensorBoard, save_config_kwargs={"overwrite": True},
-                  parser_kwargs={"parser_mode": "omegaconf"})
+    """The CLI on `args`, or on the process's command line when `args` is None."""
+    with warnings.catch_warnings():
+        # Given `args`, the process's own command line (a test runner's, a notebook's) is not read; Lightning
+        # warns whenever it is non-empty anyway.
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within")
+        return EmuCLI(PartsSystem, subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
+                      save_config_callback=ConfigToTensorBoard, save_config_kwargs={"overwrite": True},
+                      parser_kwargs={"parser_mode": "omegaconf"})
 
 
 def main(args: list[str] | None = None) -> int:

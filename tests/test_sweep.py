@@ -3,6 +3,7 @@ files with known values, and one real sweep through the CLI (a good run and a fa
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import subprocess
 import sys
@@ -276,6 +277,9 @@ def test_builtin_sweeps_instantiate_every_configuration(sweep_file, tmp_path):
                 assert type(part).__name__ == value["class_path"].rsplit(".", 1)[-1]
             else:
                 assert (list(got) if isinstance(value, list) else got) == value, (run.name, key, got)
-        adapter = cli.config["model.init_args.adapter.init_args"]
-        n = adapter.num_queries if "num_queries" in adapter else adapter.grid ** 2
-        assert cli.model.num_image_tokens == n
+        # N follows the adapter the run names, whatever its kind: an adapter built on its own from the resolved
+        # config gives the N the model reads and the datamodule lays out
+        spec = cli.config["model.init_args.adapter"]
+        module, name = spec.class_path.rsplit(".", 1)
+        alone = getattr(importlib.import_module(module), name)(**dict(spec.init_args))
+        assert cli.model.num_image_tokens == cli.datamodule.num_image_tokens == alone.num_tokens

@@ -15,8 +15,8 @@ one configuration (`emu_lightning/sweeps/runner.py`): folder `<out>/<stage>/` wi
 `model.init_args.init_from` to `<out>/<parent>/checkpoints/last.ckpt`. Running the same command again skips
 finished stages and continues an interrupted one from its `last.ckpt`; a stage that fails stops the chain
 (the stages after it need its checkpoint) and is retried on the next invocation. Anything after `--` goes to
-every stage. Samples go to `<out>/samples/`: the input scenes, `captions.jsonl`, `answers.jsonl`, generated
-PNGs with `generate.jsonl`, and `index.md` that shows them side by side.
+every stage. Samples go to `<out>/samples/`: `captions.jsonl`, `answers.jsonl`, `generate.jsonl`, the input
+scenes and generated images under `images/`, and `index.md` that shows them side by side.
 """
 from __future__ import annotations
 
@@ -151,12 +151,12 @@ def write_samples(chain: Chain, out: Path) -> Path:
 
     cfg = chain.samples
     folder = out / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
     n, max_new = int(cfg.get("images", 4)), int(cfg.get("max_new_tokens", 24))
     items = [SyntheticVQA(split="val", size=n, image_size=64)[i] for i in range(n)]
     inputs = []
     for i, item in enumerate(items):
-        p = folder / f"input_{i:02d}.png"
+        p = folder / "images" / f"input_{i:02d}.png"
         item["image"].save(p)
         inputs.append(p)
     md = [f"# Samples of {out.name}", ""]
@@ -164,16 +164,18 @@ def write_samples(chain: Chain, out: Path) -> Path:
     if cfg.get("caption"):
         system = infer.load_model(out / cfg["caption"])
         caps = infer.caption(system, [it["image"] for it in items], max_new, num_beams=1)
-        rows = [{"image": p.name, "caption": c} for p, c in zip(inputs, caps)]
+        rows = [{"image": f"images/{p.name}", "caption": c} for p, c in zip(inputs, caps)]
         _jsonl(folder / "captions.jsonl", rows)
         md += [f"## Captions ({cfg['caption']})", "", "| image | caption |", "|---|---|"]
         md += [f"| ![]({r['image']}) | {r['caption']} |" for r in rows] + [""]
     if cfg.get("answer"):
         system = infer.load_model(out / cfg["answer"])
-        rows = [{"image": p.name, "question": it["question"], "answer": infer.answer(system, it["image"], it["question"],
-                 max_new, num_beams=1), "references": sorted(set(it["answers"]))} for p, it in zip(inputs, items)]
+        rows = [{"image": f"images/{p.name}", "question": it["question"],
+                 "answer": infer.answer(system, it["image"], it["question"], max_new, num_beams=1),
+                 "references": sorted(set(it["answers"]))} for p, it in zip(inputs, items)]
         _jsonl(folder / "answers.jsonl", rows)
-        md += [f"## Answers ({cfg['answer']})", "", "| image | question | answer | annotators said |", "|---|---|---|---|"]
+        md += [f"## Answers ({cfg['answer']})", "", "| image | question | answer | annotators said |",
+               "|---|---|---|---|"]
         md += [f"| ![]({r['image']}) | {r['question']} | {r['answer']} | {', '.join(r['references'])} |" for r in rows]
         md += [""]
     if cfg.get("generate"):
@@ -184,8 +186,8 @@ def write_samples(chain: Chain, out: Path) -> Path:
         rows = []
         for i, prompt in enumerate(prompts):
             image = pipe.in_context([[prompt]], seed=i)
-            (path,) = infer._save_images(image, folder, f"generated_{i:02d}")
-            rows.append({"prompt": prompt, "image": Path(path).name})
+            (path,) = infer._save_images(image, folder / "images", f"generated_{i:02d}")
+            rows.append({"prompt": prompt, "image": f"images/{Path(path).name}"})
         _jsonl(folder / "generate.jsonl", rows)
         md += [f"## Generated ({cfg['generate']} → {cfg['decoder']})", "", "| prompt | image |", "|---|---|"]
         md += [f"| {r['prompt']} | ![]({r['image']}) |" for r in rows] + [""]

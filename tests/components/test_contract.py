@@ -253,3 +253,37 @@ def test_components_import_no_lightning_and_move_no_devices() -> None:
     banned = re.compile(r"^\s*(import|from)\s+(lightning|pytorch_lightning)\b|\.cuda\(|autocast", re.M)
     offenders = [str(f) for f in files if banned.search(f.read_text())]
     assert not offenders, f"lightning / device / autocast use in components: {offenders}"
+
+
+def _build(fragment: Path) -> nn.Module:
+    """A component from a recipe fragment (`class_path` + `init_args`), as the CLI builds it."""
+    import importlib
+
+    import yaml
+
+    spec = yaml.safe_load(fragment.read_text())
+    module, name = spec["class_path"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+
+
+FRAGMENTS = Path(__file__).resolve().parents[2] / "recipes" / "components"
+
+
+@pytest.mark.parametrize("fragment", sorted(FRAGMENTS.glob("adapter_*_debug*.yaml")), ids=lambda p: p.stem)
+def test_every_debug_adapter_fragment_meets_the_protocol(fragment: Path) -> None:
+    """Every adapter a debug recipe can name (a new one included, docs/extending.md) has what systems use:
+    the widths, N, and (B,L,D_enc) -> (B,N,D_llm) on the debug encoder; a PooledAdapter also pools in encoder
+    space and projects up, and the two compose to forward."""
+    from components.base import PooledAdapter
+
+    torch.manual_seed(0)
+    encoder, adapter = _build(FRAGMENTS / "encoder_eva_debug.yaml"), _build(fragment)
+    assert isinstance(adapter, Adapter)
+    assert adapter.in_dim == encoder.embed_dim
+    feats = encoder(torch.randn(B, 3, 64, 64))
+    out = adapter(feats)
+    assert out.shape == (B, adapter.num_tokens, adapter.out_dim)
+    if isinstance(adapter, PooledAdapter):
+        pooled = adapter.pool(feats)
+        assert pooled.shape == (B, adapter.num_tokens, adapter.in_dim)
+        torch.testing.assert_close(adapter.project_up(pooled), out)
