@@ -19,3 +19,10 @@ class LastCheckpoint(ModelCheckpoint):
         # The parent skips sanity checks, non-fit stages and a step already saved; so do we.
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A smoke run (`--trainer.fast_dev_run true`) writes nothing. Lightning 2.6 skips every other save under
+        # fast_dev_run but not this one, and with the logger off the file lands in `./checkpoints/`.
+        if trainer.fast_dev_run:
+            return
+        super().on_train_end(trainer, pl_module)

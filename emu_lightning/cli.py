@@ -64,6 +64,16 @@ class EmuCLI(LightningCLI):
             cfg.trainer.callbacks = [c for c in cfg.trainer.callbacks if not c.class_path.endswith("ProgressBar")]
         self._copy_template(cfg)
 
+    def before_fit(self) -> None:
+        """A resume (`--ckpt_path`) restores every part from its own checkpoint, so the earlier stage's
+        checkpoint named by `init_from` is neither needed nor read: the run resumes even after that stage's
+        folder moved or was deleted, or from another working directory. (The saved config keeps `init_from`.)"""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path and getattr(self.model, "init_from", None):
+            print(f"resuming from {ckpt_path}: the hand-off from init_from={self.model.init_from} is skipped "
+                  f"(the checkpoint holds every part)", flush=True)
+            self.model.init_from = None
+
     @staticmethod
     def _copy_template(cfg) -> None:
         # The chat template is named once, on the model (it builds the prompts and is saved with it); the data

@@ -3,6 +3,7 @@ feeds TensorBoard's HPARAMS tab (both also run inside the real CLI fit in test_f
 at every validation."""
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -132,3 +133,16 @@ def test_shared_callbacks_use_last_checkpoint(name):
     entries = yaml.safe_load((ROOT / "recipes" / "_base" / name).read_text())
     paths = [e["class_path"] for e in entries]
     assert "callbacks.checkpoint.LastCheckpoint" in paths and "lightning.pytorch.callbacks.ModelCheckpoint" not in paths
+
+
+def test_fast_dev_run_leaves_no_checkpoint(tmp_path, monkeypatch, one_thread):
+    """Lightning's smoke test through the CLI writes no checkpoint, in the working directory or anywhere."""
+    from emu_lightning.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "debug" / "stage1_meanpool.yaml"
+    cli = cli_main(["fit", "--config", str(recipe), "--trainer.fast_dev_run", "true",
+                    "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
+                    "--data.init_args.eval_batch_size", "4", "--model.init_args.max_new_tokens", "2"])
+    assert cli.trainer.global_step == 1
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

@@ -61,7 +61,7 @@ def test_truncated_and_missing_checkpoints_are_named(tmp_path):
     atomic_torch_save({"state_dict": {"w": torch.ones(1000)}}, whole)
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(whole.read_bytes()[:3000])
-    with pytest.raises(ValueError, match=rf"{re.escape(str(cut))}: not a readable torch checkpoint \(truncated"):
+    with pytest.raises(ValueError, match=rf"{re.escape(str(cut))}: not a torch checkpoint, or a truncated"):
         safe_load(cut)
     with pytest.raises(FileNotFoundError, match="absent.ckpt"):
         safe_load(tmp_path / "absent.ckpt")
@@ -140,3 +140,13 @@ def test_every_torch_load_in_the_code_is_weights_only():
     unsafe = [(f, call) for f, call in loads if "weights_only=True" not in call
               and not (f == "emu_lightning/inference/pipelines.py" and "weights_only=weights_only" in call)]
     assert not unsafe, unsafe
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b"\x89PNG\r\n\x1a\n" + bytes(64), b""], ids=["text", "png", "empty"])
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path, content):
+    """Text, an image or an empty file given as a checkpoint: a ValueError naming the file and what to pass,
+    not whatever the unpickler trips over (KeyError, IndexError, ...)."""
+    path = tmp_path / "notes.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: not a torch checkpoint.*pass a Lightning \.ckpt"):
+        safe_load(path)

@@ -22,13 +22,17 @@ class MeanPoolProjector(nn.Module):
         out_dim: LLM width D_llm.
         grid: Output tokens per side; N = grid².
         bias: Give `project_up` a bias (Emu2 has none).
+        adaptive: Allow a grid that does not tile the patch grid (overlapping, uneven windows, as
+            `adaptive_avg_pool2d` makes them). Off by default: Emu2 pools with kernel = stride = side / grid, and a
+            grid that does not divide the side is an error naming both sizes.
     """
 
-    def __init__(self, in_dim: int = 192, out_dim: int = 256, grid: int = 8, bias: bool = False) -> None:
+    def __init__(self, in_dim: int = 192, out_dim: int = 256, grid: int = 8, bias: bool = False,
+                 adaptive: bool = False) -> None:
         super().__init__()
         self.in_dim = in_dim
         self.out_dim = out_dim
-        self.grid = grid
+        self.grid, self.adaptive = grid, adaptive
         self.num_tokens = grid * grid
         self.project_up = nn.Linear(in_dim, out_dim, bias=bias)
 
@@ -45,7 +49,10 @@ class MeanPoolProjector(nn.Module):
         if side < self.grid:
             raise ValueError(f"MeanPoolProjector cannot pool a {side}×{side} grid (L={L}) "
                              f"up to {self.grid}×{self.grid}")
-        # Non-divisible sides fall back to adaptive (overlapping) windows; Emu2 uses k = s = side/grid.
+        if side % self.grid and not self.adaptive:
+            raise ValueError(f"MeanPoolProjector(grid={self.grid}) does not tile the {side}×{side} patch grid "
+                             f"(L={L}): use a grid that divides {side}, or adaptive: true for uneven windows")
+        # Emu2: k = s = side / grid; with `adaptive`, uneven (overlapping) windows where the grid does not divide.
         x = feats.transpose(1, 2).reshape(B, D, side, side)    # (B,D_enc,s,s): row-major patch grid
         x = F.adaptive_avg_pool2d(x, self.grid)                 # (B,D_enc,g,g)
         return x.flatten(2).transpose(1, 2)                     # (B,g²,D_enc): row-major again

@@ -36,19 +36,24 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, LookupError, ValueError, TypeError) as err:
+        # a file that is not a torch checkpoint at all (text, an image) fails inside the unpickler with whatever
+        # its bytes happen to trigger (KeyError, IndexError, ...): always name the file and say what it is not
         raise refusal(path, err) from None
 
 
 def refusal(path: str | os.PathLike, err: BaseException) -> ValueError:
     """The error of a failed `weights_only` load of `path`: a refused pickled object, or an unreadable file."""
-    if isinstance(err, pickle.UnpicklingError):
+    if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err):   # a class or function it would import
         lines = str(err).strip().splitlines()
         what = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
         return ValueError(f"{path}: refused to load: the file pickles an object that is not a tensor or a plain "
                           f"container ({what.strip()}); only weights_only checkpoints are loaded, since unpickling "
                           f"an arbitrary object can run code")
-    return ValueError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {type(err).__name__}: {err}")
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()] or [""]
+    detail = next((ln for ln in lines if ln.startswith("Unsupported")), lines[0])      # torch's long text: its gist
+    return ValueError(f"{path}: not a torch checkpoint, or a truncated / corrupt one ({type(err).__name__}: {detail}); "
+                      f"pass a Lightning .ckpt (e.g. <run>/checkpoints/last.ckpt) or a state dict saved by torch.save")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

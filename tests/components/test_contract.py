@@ -247,6 +247,18 @@ def test_meanpool_rejects_non_square_token_counts() -> None:
         MeanPoolProjector(in_dim=8, out_dim=8, grid=4)(torch.randn(1, 65, 8))
 
 
+def test_meanpool_grid_must_tile_the_patch_grid_unless_adaptive() -> None:
+    feats = torch.randn(1, 64, 8)                                      # an 8×8 patch grid
+    with pytest.raises(ValueError, match=r"grid=7\) does not tile the 8×8 patch grid"):
+        MeanPoolProjector(in_dim=8, out_dim=8, grid=7)(feats)
+    assert MeanPoolProjector(in_dim=8, out_dim=8, grid=7, adaptive=True).pool(feats).shape == (1, 49, 8)
+    # a grid that tiles pools with kernel = stride = side / grid, as Emu2 does
+    pooled = MeanPoolProjector(in_dim=8, out_dim=8, grid=4).pool(feats)
+    grid = feats.reshape(1, 8, 8, 8)                                   # (B, row, col, D) row-major
+    torch.testing.assert_close(pooled[0, 0], grid[0, :2, :2].mean((0, 1)))
+    torch.testing.assert_close(pooled[0, 5], grid[0, 2:4, 2:4].mean((0, 1)))
+
+
 def test_components_import_no_lightning_and_move_no_devices() -> None:
     files = sorted(COMPONENTS_DIR.rglob("*.py"))
     assert len(files) >= 8
