@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from emu_lightning.data.layout.chat import PRESETS  # noqa: E402
 from emu_lightning.data.modules.captions import image_transform  # noqa: E402
+from emu_lightning.data.real.images import open_rgb  # noqa: E402
 from emu_lightning.data.layout.sequence import fill_placeholders, vqa_text  # noqa: E402
 from emu_lightning.data.layout.tokens import IMAGE  # noqa: E402
 
@@ -48,8 +49,7 @@ def read_image(path: str | Path) -> Image.Image:
     if not p.is_file():
         raise FileNotFoundError(f"image not found: {p}")
     try:
-        with Image.open(p) as im:
-            return im.convert("RGB")
+        return open_rgb(p)
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{p} is not a readable image ({err})") from None
 

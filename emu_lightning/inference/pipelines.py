@@ -25,6 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from emu_lightning.data.modules.captions import image_transform
+from emu_lightning.data.real.images import to_rgb
 from emu_lightning.checkpoints.decoder_export import ExportedDecoder
 from emu_lightning.systems.base import PartsSystem
 from emu_lightning.systems.decoder import DecoderSystem, check_pairing
@@ -52,7 +53,7 @@ def _pixels(images: Sequence[ImageLike] | Tensor, side: int) -> Tensor:
         x = images[None] if images.ndim == 3 else images
     else:
         transform = image_transform(side)
-        x = torch.stack([transform(im.convert("RGB")) if isinstance(im, Image.Image) else im for im in images])
+        x = torch.stack([transform(to_rgb(im)) if isinstance(im, Image.Image) else im for im in images])
     if x.ndim != 4 or x.shape[1:] != (3, side, side):
         raise ValueError(f"images of shape {tuple(x.shape)}; the encoder takes (B,3,{side},{side}) CLIP-normalised "
                          f"pixels: pass PIL images (resized here) or resize first")

@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from emu_lightning.data.layout.sequence import SkipSample
+from emu_lightning.data.real.images import open_rgb
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -34,8 +35,7 @@ class BadImage(SkipSample):
 def _load_rgb(path: Path, where: str = "") -> Image.Image:
     """The image at `path` as RGB; an undecodable file raises `BadImage` naming it (and `where` it is listed)."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        return open_rgb(path)
     except FileNotFoundError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
@@ -251,8 +251,7 @@ class WebDatasetPairs(IterableDataset):
         if not text:
             return self._skip(shard, key, "missing_text")
         try:
-            with Image.open(io.BytesIO(files[image_ext])) as im:
-                image = im.convert("RGB")
+            image = open_rgb(io.BytesIO(files[image_ext]))
         except (OSError, ValueError, Image.DecompressionBombError):
             return self._skip(shard, key, "bad_image")
         self.stats["ok"] += 1
