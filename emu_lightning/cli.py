@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import sys
 
 # Nothing is ever fetched from a hub: weights and tokenizers come from local paths in the recipe.
 # huggingface_hub reads this once at import, so it is set before anything imports transformers.
@@ -91,8 +92,11 @@ class EmuCLI(LightningCLI):
         # LightningCLI reads `ckpt_path`'s hyper-parameters first (weights_only=True): its refusal gets our message.
         try:
             super()._parse_ckpt_path()
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-            raise refusal(self.config[self.config.subcommand].get("ckpt_path"), err) from None
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, LookupError, ValueError, TypeError) as err:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            if isinstance(err, FileNotFoundError):
+                raise FileNotFoundError(f"--ckpt_path {path}: no such file") from None
+            raise refusal(path, err) from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
@@ -113,11 +117,47 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EmuCLI:
                       parser_kwargs={"parser_mode": "omegaconf"})
 
 
+_WRAPPERS = ("Does not validate against any of the Union subtypes", "Problem with given class_path")
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The exception that says what is wrong: the innermost of the chain that is not the config parser's wrapper
+    around it (jsonargparse re-raises a component's ValueError as "Does not validate against any of the Union
+    subtypes" followed by a repr of the whole config)."""
+    chain, e = [], err
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ if e.__cause__ is not None else None if e.__suppress_context__ else e.__context__
+    for e in reversed(chain):
+        if not any(w in str(e) for w in _WRAPPERS) and type(e).__module__.split(".")[0] not in ("jsonargparse",):
+            return e
+    return err
+
+
+def failure_message(err: BaseException, max_lines: int = 12) -> str:
+    """One short block for a failed run: what failed and the message that names the file, field or widths."""
+    root = _root_cause(err)
+    text = str(root).strip()
+    if any(w in text for w in _WRAPPERS):                  # only the wrapper: keep its nested error lines
+        nested = [ln.strip()[2:] for ln in text.splitlines() if ln.strip().startswith("- ") and "NoneType" not in ln]
+        text = "\n".join(nested) or text.splitlines()[0]
+    lines = [ln for ln in text.splitlines() if not ln.startswith("Given value")][:max_lines]
+    return "\n".join([f"error: {type(root).__name__}: {lines[0] if lines else ''}", *("  " + ln for ln in lines[1:]),
+                      "(the full traceback: run again with EMU_TRACEBACK=1)"])
+
+
 def main(args: list[str] | None = None) -> int:
     """`main.py`'s entry: the CLI's exit status. A SIGTERM'd fit (`CheckpointOnSigterm` saved `last.ckpt`)
-    exits 143 as a SIGTERM'd process does, so launchers and the sweep runner do not take it for a success."""
+    exits 143 as a SIGTERM'd process does, so launchers and the sweep runner do not take it for a success.
+    Any other failure prints one short block (`failure_message`) and exits 1; `EMU_TRACEBACK=1` lets the
+    exception and its full traceback through instead."""
     try:
         cli_main(args)
     except SIGTERMException:
         return 128 + signal.SIGTERM
+    except Exception as err:   # noqa: BLE001: every failure becomes a message a user can act on
+        if os.environ.get("EMU_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(failure_message(err), file=sys.stderr, flush=True)
+        return 1
     return 0
