@@ -104,3 +104,22 @@ def test_loaders_and_infer_share_the_path(tmp_path):
 def test_plain_modes_are_unchanged(tmp_path, mode):
     image = Image.new("RGB", (4, 4), (10, 200, 30)).convert(mode)
     assert open_rgb(_saved(image, tmp_path, f"{mode}.tif")).tobytes() == image.convert("RGB").tobytes()
+
+
+def test_empty_and_undecodable_files_are_listed_at_startup(tmp_path):
+    """A zero-byte or non-image file is named before training (one warning listing them), not hours in."""
+    from emu_lightning.data.real.captions import BadImage, CocoCaptions
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "good.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "captions.json").write_text(json.dumps({
+        "images": [{"id": i, "file_name": n} for i, n in enumerate(["good.png", "empty.png", "text.png"])],
+        "annotations": [{"image_id": i, "caption": "x."} for i in range(3)]}))
+    with pytest.warns(UserWarning, match=r"2 bad image file\(s\) listed in .*captions\.json") as record:
+        ds = CocoCaptions(str(tmp_path / "captions.json"), str(tmp_path))
+    text = str(record[0].message)
+    assert "empty (0 bytes): " + str(tmp_path / "empty.png") in text and str(tmp_path / "text.png") in text
+    assert _px(ds[0]["image"]) == (0, 0, 0)
+    with pytest.raises(BadImage, match="empty.png"):
+        ds[1]

@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from emu_lightning.data.layout.sequence import SkipSample
-from emu_lightning.data.real.images import open_rgb
+from emu_lightning.data.real.images import check_image_files, open_rgb
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -55,7 +55,7 @@ class CocoCaptions(Dataset):
         """Args:
         annotations: path of the COCO-captions JSON.
         image_dir: folder holding each ``file_name``.
-        check_files: stat every image at construction (one ``exists`` per image).
+        check_files: stat every image at construction and read a sample's headers (`check_image_files`).
         """
         self.annotations, self.image_dir = Path(annotations), Path(image_dir)
         if not self.annotations.is_file():
@@ -90,9 +90,8 @@ class CocoCaptions(Dataset):
             raise ValueError(
                 f"{self.annotations}: {len(captions)} caption group(s) with unknown image_id, e.g. {orphan}"
             )
-        if check_files:
-            for _, file_name, _ in self.items:
-                self._path(file_name)
+        if check_files:   # every image exists (else an error); empty or undecodable ones listed before training
+            check_image_files([self._path(name) for _, name, _ in self.items], str(self.annotations))
 
     def _field(self, entry: dict, name: str, where: str, kind: type | tuple[type, ...]):
         if not isinstance(entry, dict) or name not in entry:

@@ -12,7 +12,7 @@
 | `1`, `L`, `P`, `RGB`, `CMYK`, `YCbCr`, `LAB`, `HSV` | PIL's conversion (`P` with transparency goes through RGBA) |
 | `LA`, `PA`, `RGBA`, `RGBa`, `La` | composited over a solid background (`background`, white by default) |
 | `I;16`, `I;16B`, `I;16L`, `I;16N` | 16-bit: scaled by 255 / 65535 |
-| `I` (32-bit integer) | scaled by 255 / 65535 when every value fits 16 bits (how PIL opens 16-bit PNGs), else by 255 / max |
+| `I` (32-bit integer) | by 255 / 65535 when all values fit 16 bits (PIL opens 16-bit PNGs so), else by 255 / max |
 | `F` (32-bit float) | values in [0, 1] scaled by 255, otherwise clipped to [0, 255] |
 
 EXIF orientation is applied first. Aspect ratio is not changed here: the encoder transform
@@ -20,6 +20,9 @@ EXIF orientation is applied first. Aspect ratio is not changed here: the encoder
 as the papers' preprocessing does; crop beforehand if that matters for your data.
 """
 from __future__ import annotations
+
+import os
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -56,3 +59,29 @@ def open_rgb(path, background: tuple[int, int, int] = BACKGROUND) -> Image.Image
     with Image.open(path) as im:
         im.load()
         return to_rgb(im, background)
+
+
+def check_image_files(paths: list, listed_in: str, decode_sample: int = 16, show: int = 10) -> list[str]:
+    """Start-up check of a source's (existing) image files, before any training: each must be non-empty, and an
+    evenly spread sample of `decode_sample` must have a header PIL can read; full decoding stays lazy. The bad
+    ones are listed in one warning now, so nobody learns of them hours in. Reading one later raises `BadImage`
+    naming it, as for any undecodable file (the stage-2 mixture skips and counts such samples up to its
+    `max_bad_fraction`). Returns them."""
+    bad = [f"empty (0 bytes): {p}" for p in paths if os.stat(p).st_size == 0]
+    step = max(1, len(paths) // max(1, decode_sample))
+    for path in list(paths)[::step][:decode_sample]:
+        if os.stat(path).st_size == 0:
+            continue
+        try:
+            with Image.open(path) as im:
+                im.size                                           # the header only
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            bad.append(f"does not decode ({type(err).__name__}): {path}")
+    if bad:
+        sampled = min(decode_sample, len(paths))
+        warnings.warn(f"{len(bad)} bad image file(s) listed in {listed_in} (every file checked for size, {sampled} "
+                      f"sampled for a readable header); reading one raises BadImage (the stage-2 mixture skips "
+                      f"and counts it):\n  "
+                      + "\n  ".join(bad[:show]) + (f"\n  ... and {len(bad) - show} more" if len(bad) > show else ""),
+                      stacklevel=2)
+    return bad

@@ -17,6 +17,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from emu_lightning.data.real.captions import IMAGE_EXTS, _load_rgb
+from emu_lightning.data.real.images import check_image_files
 
 
 def _read_jsonl(path: Path, kind: str) -> Iterator[tuple[int, dict]]:
@@ -86,10 +87,9 @@ class Mmc4Documents(Dataset):
                 images.append((idx, name))
             images.sort(key=lambda pair: pair[0])  # stable: ties keep their order in image_info
             self.items.append((doc_id, texts, images[:max_images]))
-        if check_files:
-            for doc_id, _, images in self.items:
-                for _, name in images:
-                    self._path(name, doc_id)
+        if check_files:   # every kept image exists (else an error); empty or undecodable ones listed up front
+            check_image_files([self._path(name, doc_id) for doc_id, _, images in self.items for _, name in images],
+                              str(self.jsonl))
 
     def _path(self, name: str, doc_id: str) -> Path:
         path = self.image_dir / name
