@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from emu_lightning.sweeps.runner import execute
-from emu_lightning.sweeps.spec import Run, Sweep, read_status
+from emu_lightning.sweeps.spec import Run, Sweep, read_status, split_passthrough
 
 STAGE_KEYS = {"name", "recipe", "init_from", "overrides"}
 SAMPLE_KEYS = {"images", "caption", "answer", "generate", "decoder", "prompts", "max_new_tokens"}
@@ -200,9 +200,7 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_passthrough(argv)
     p = argparse.ArgumentParser(prog="python -m emu_lightning.chain", description=__doc__.split("\n")[0])
     p.add_argument("chain", help="a chain YAML (recipes/chains/*.yaml)")
     p.add_argument("--out", default=None, help="the chain's folder (default: runs/<chain file name>)")

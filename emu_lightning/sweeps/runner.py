@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from emu_lightning.sweeps.results import collect, plot, write_results
-from emu_lightning.sweeps.spec import Run, Sweep, read_status, safe_name
+from emu_lightning.sweeps.spec import Run, Sweep, read_status, safe_name, split_passthrough
 
 SEED_KEY = "seed_everything"
 VARIANT = "variant"                                # the table column of a `runs:` entry's name
@@ -269,9 +269,7 @@ def run_sweep(path: str | Path, out: str | Path | None = None, parallel: int | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_passthrough(argv)
     p = argparse.ArgumentParser(prog="python -m emu_lightning.sweeps", description=__doc__.split("\n")[0])
     p.add_argument("sweep", help="a sweep YAML (recipes/sweeps/*.yaml)")
     p.add_argument("--out", help="the sweep folder (default: the file's `out`, else runs/sweeps/<name>)")

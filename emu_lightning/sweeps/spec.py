@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,3 +42,12 @@ def safe_name(text: str) -> str:
 def read_status(run_dir: Path) -> dict | None:
     path = run_dir / "status.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def split_passthrough(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(own arguments, arguments after `--`, passed to every run's `main.py`); `argv` None = the process's."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
