@@ -98,9 +98,3 @@ class CFormer(nn.Module):
                                     num_heads=2, d_ff=64, dropout=0.0)
         return cls(**{**args, **overrides})
 
-    @classmethod
-    def emu1(cls, **overrides: Any) -> CFormer:
-        """Emu1: T5-base decoder (12 blocks, d 768, 12 heads, FFN 3072), 32 queries, 1408 -> 5120."""
-        args: dict[str, Any] = dict(in_dim=1408, out_dim=5120, num_queries=32, d_model=768, num_layers=12,
-                                    num_heads=12, d_ff=3072, dropout=0.1)
-        return cls(**{**args, **overrides})

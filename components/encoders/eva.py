@@ -131,14 +131,4 @@ class EVAEncoder(nn.Module):
                                     depth=2, embed_dim=64, num_heads=2)
         return cls(**{**args, **overrides})
 
-    @classmethod
-    def eva01_clip_g(cls, **overrides: Any) -> EVAEncoder:
-        """Emu1: EVA-01-CLIP-g/14 at 224 px, 40 blocks, D 1408, CLS kept (257 tokens)."""
-        args: dict[str, Any] = dict(model_name="eva_giant_patch14_clip_224", img_size=224, drop_cls=False)
-        return cls(**{**args, **overrides})
 
-    @classmethod
-    def eva02_clip_e_plus(cls, **overrides: Any) -> EVAEncoder:
-        """Emu2: EVA-02-CLIP-E-plus/14 at 448 px, 64 post-norm blocks, D 1792, CLS dropped (1024 tokens)."""
-        args: dict[str, Any] = dict(model_name="eva02_enormous_patch14_clip_224", img_size=448, drop_cls=True)
-        return cls(**{**args, **overrides})

@@ -156,16 +156,4 @@ class LlamaLM(nn.Module):
                                     vocab_size=128, max_position_embeddings=256)
         return cls(**{**args, **overrides})
 
-    @classmethod
-    def llama_13b(cls, **overrides: Any) -> LlamaLM:
-        """Emu1 LLM: LLaMA-13B (D 5120, 40 layers, 40 heads, FFN 13824, vocab 32000, 2048 positions)."""
-        args: dict[str, Any] = dict(hidden_size=5120, num_layers=40, num_heads=40, intermediate_size=13824,
-                                    vocab_size=32000, max_position_embeddings=2048)
-        return cls(**{**args, **overrides})
 
-    @classmethod
-    def llama_33b(cls, **overrides: Any) -> LlamaLM:
-        """Emu2 LLM: LLaMA-33B (D 6656, 60 layers, 52 heads, FFN 17920, vocab 32000, 2048 positions)."""
-        args: dict[str, Any] = dict(hidden_size=6656, num_layers=60, num_heads=52, intermediate_size=17920,
-                                    vocab_size=32000, max_position_embeddings=2048)
-        return cls(**{**args, **overrides})

@@ -20,7 +20,19 @@ from components.llm.llama import LlamaLM
 from components.llm.regression_head import RegressionHead
 
 COMPONENTS_DIR = Path(__file__).resolve().parents[2] / "components"
+FRAGMENTS = Path(__file__).resolve().parents[2] / "recipes" / "components"
 B = 2
+
+
+def _build(fragment: Path) -> nn.Module:
+    """A component from a recipe fragment (`class_path` + `init_args`), as the CLI builds it."""
+    import importlib
+
+    import yaml
+
+    spec = yaml.safe_load(fragment.read_text())
+    module, name = spec["class_path"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
 
 
 class ComponentContract:
@@ -219,25 +231,26 @@ def test_adapters_are_interchangeable(make) -> None:
     assert adapter(feats).shape == (B, adapter.num_tokens, 48)
 
 
-@pytest.mark.parametrize("preset, params_b, attrs", [
-    (lambda: EVAEncoder.eva01_clip_g(), 1.0, {"embed_dim": 1408, "num_tokens": 257, "grid": 16}),
-    (lambda: EVAEncoder.eva02_clip_e_plus(), 4.35, {"embed_dim": 1792, "num_tokens": 1024, "grid": 32}),
-    (lambda: CFormer.emu1(), 0.129, {"num_tokens": 32}),
-    (lambda: LlamaLM.llama_13b(), 13.0, {"hidden_dim": 5120, "vocab_size": 32000}),
-    (lambda: LlamaLM.llama_33b(), 32.5, {"hidden_dim": 6656, "vocab_size": 32000}),
-], ids=["eva01_clip_g", "eva02_clip_e_plus", "cformer_emu1", "llama_13b", "llama_33b"])
-def test_real_presets_build_on_meta(preset, params_b: float, attrs: dict) -> None:
+@pytest.mark.parametrize("fragment, params_b, attrs", [
+    ("encoder_eva01_clip_g", 1.0, {"embed_dim": 1408, "num_tokens": 257, "grid": 16}),
+    ("encoder_eva02_clip_e_plus_448", 4.35, {"embed_dim": 1792, "num_tokens": 1024, "grid": 32}),
+    ("adapter_cformer_emu1", 0.129, {"num_tokens": 32}),
+    ("llm_llama_13b", 13.0, {"hidden_dim": 5120, "vocab_size": 32000}),
+    ("llm_llama_33b", 32.5, {"hidden_dim": 6656, "vocab_size": 32000}),
+])
+def test_real_size_fragments_build_on_meta(fragment, params_b: float, attrs: dict) -> None:
+    """The papers' sizes live in the recipe fragments only (no Python preset that could disagree with them)."""
     with torch.device("meta"):
-        module = preset()
+        module = _build(FRAGMENTS / f"{fragment}.yaml")
     params = list(module.parameters())
     assert all(p.is_meta for p in params)
     assert sum(p.numel() for p in params) / 1e9 == pytest.approx(params_b, rel=0.03)
     assert {k: getattr(module, k) for k in attrs} == attrs
 
 
-def test_real_eva_presets_follow_the_spec() -> None:
+def test_real_eva_fragments_follow_the_papers() -> None:
     with torch.device("meta"):
-        g, e = EVAEncoder.eva01_clip_g(), EVAEncoder.eva02_clip_e_plus()
+        g, e = _build(FRAGMENTS / "encoder_eva01_clip_g.yaml"), _build(FRAGMENTS / "encoder_eva02_clip_e_plus_448.yaml")
     assert (len(g.trunk.blocks), g.drop_cls, g.block_cls.__name__) == (40, False, "EvaBlock")
     assert (len(e.trunk.blocks), e.drop_cls, e.block_cls.__name__) == (64, True, "EvaBlockPostNorm")
 
@@ -266,19 +279,6 @@ def test_components_import_no_lightning_and_move_no_devices() -> None:
     offenders = [str(f) for f in files if banned.search(f.read_text())]
     assert not offenders, f"lightning / device / autocast use in components: {offenders}"
 
-
-def _build(fragment: Path) -> nn.Module:
-    """A component from a recipe fragment (`class_path` + `init_args`), as the CLI builds it."""
-    import importlib
-
-    import yaml
-
-    spec = yaml.safe_load(fragment.read_text())
-    module, name = spec["class_path"].rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
-
-
-FRAGMENTS = Path(__file__).resolve().parents[2] / "recipes" / "components"
 
 
 @pytest.mark.parametrize("fragment", sorted(FRAGMENTS.glob("adapter_*_debug*.yaml")), ids=lambda p: p.stem)

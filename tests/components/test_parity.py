@@ -11,6 +11,11 @@ from transformers.models.t5.modeling_t5 import T5Stack
 from components.adapters.cformer import CFormer, t5_decoder_config
 from components.encoders.eva import EVAEncoder
 from components.llm.llama import LlamaLM
+from tests.components.test_contract import FRAGMENTS, _build
+
+
+def _fragment(name: str) -> torch.nn.Module:
+    return _build(FRAGMENTS / f"{name}.yaml")
 
 TINY_EVA = dict(  # shrunk architecture; same for reference and encoder
     img_size=64, patch_size=8, depth=3, embed_dim=64, num_heads=2, num_classes=0)
@@ -72,7 +77,8 @@ def test_cformer_dropout_is_configurable() -> None:
     model.eval()
     assert torch.equal(model(feats), model(feats))
     with torch.device("meta"):
-        assert CFormer.emu1().cformer.config.dropout_rate == 0.1
+        emu1 = _fragment("adapter_cformer_emu1")
+    assert emu1.cformer.config.dropout_rate == 0.1
 
 
 # ---------------------------------------------------------------- EVA vs timm
