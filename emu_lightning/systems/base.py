@@ -111,6 +111,26 @@ class PartsSystem(L.LightningModule):
         # Only top-level tensors move; references, ids and scene records (frozen dataclasses) stay as they are.
         return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
+    def count_skips(self, skipped: dict[str, int], batch_size: int, min_seen: int = 200) -> None:
+        """Samples read past for this batch (`{kind: n}`, undecodable images...): run totals by kind, logged as
+        `train/skipped_total` and `train/skipped/<kind>`, checkpointed with the other counters. Past the data's
+        `max_bad_fraction` of all samples read (after `min_seen`) the run stops, naming the counts."""
+        n = sum(skipped.values())
+        self.counters["seen"] = self.counters.get("seen", 0) + batch_size + n
+        self.counters["skipped"] = self.counters.get("skipped", 0) + n
+        for kind, k in skipped.items():
+            self.counters[f"skipped/{kind}"] = self.counters.get(f"skipped/{kind}", 0) + k
+        self.log("train/skipped_total", float(self.counters["skipped"]))
+        for key, value in self.counters.items():
+            if key.startswith("skipped/"):
+                self.log(f"train/{key}", float(value))
+        limit = getattr(getattr(self.trainer, "datamodule", None), "max_bad_fraction", None)
+        seen, bad = self.counters["seen"], self.counters["skipped"]
+        if limit is not None and seen >= min_seen and bad / seen > limit:
+            kinds = {k[len("skipped/"):]: v for k, v in self.counters.items() if k.startswith("skipped/")}
+            raise RuntimeError(f"{bad} of {seen} samples read were skipped ({bad / seen:.1%} > max_bad_fraction="
+                               f"{limit}): {kinds}; fix the data or raise data.init_args.max_bad_fraction")
+
     def log_losses(self, losses: dict[str, Tensor], stage: str, batch_size: int) -> None:
         for name, value in losses.items():
             self.log(f"{stage}/{name}", value, batch_size=batch_size, prog_bar=name == "loss",

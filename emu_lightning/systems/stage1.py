@@ -51,6 +51,7 @@ class Stage1System(EmuSystem):
         losses = self.loss_terms(batch)
         self.counters["truncated"] += int(batch["num_truncated"])
         self.log("train/truncated_total", float(self.counters["truncated"]))
+        self.count_skips(batch.get("skipped") or {}, len(batch["ids"]))
         loss = self.checked_loss(losses)
         if loss is not None:
             self.log_losses(losses, "train", len(batch["ids"]))

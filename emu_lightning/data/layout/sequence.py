@@ -45,7 +45,10 @@ class Segments(list):
 
 
 class SkipSample(Exception):
-    """A sample the recipe chose to skip (e.g. a video shorter than `num_frames`); the stream counts it."""
+    """A sample that is skipped and counted, never silently dropped (e.g. an undecodable image, a video shorter
+    than `num_frames`). `kind` names the count it goes to: `train/skipped/<kind>`."""
+
+    kind = "skipped_sample"
 
 
 def _coin(p: float) -> bool:

@@ -6,6 +6,7 @@ The tokenizer and N (`<image>` tokens per image) come from the model: the CLI li
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterator
 
 import lightning as L
@@ -14,7 +15,9 @@ from torchvision.transforms import v2 as T
 import torch
 
 from emu_lightning.data.layout.collate import CaptionCollator
+from emu_lightning.data.layout.sequence import SkipSample
 
+MAX_SKIPS_PER_READ = 32            # unreadable samples in a row before a read gives up
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # docs/design.md §1 preprocessing
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -53,11 +56,24 @@ class _Mapped(Dataset):
         return len(self.ds)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        if isinstance(key, tuple):          # (index, epoch seed) from `EpochSampler`
-            i, seed = key
-            return _prepare(self.ds[i], self.transform, self.train,
-                            torch.Generator().manual_seed((seed * 1_000_003 + i) % 2**63))
-        return _prepare(self.ds[key], self.transform, self.train)
+        i, seed = key if isinstance(key, tuple) else (key, None)    # (index, epoch seed) from `EpochSampler`
+        sample, skipped = self._read(i)
+        rng = None if seed is None else torch.Generator().manual_seed((seed * 1_000_003 + i) % 2**63)
+        return {**_prepare(sample, self.transform, self.train, rng), "skipped": skipped}
+
+    def _read(self, i: int) -> tuple[dict, dict[str, int]]:
+        """`ds[i]`, or, when it raises `SkipSample` (an undecodable image...), the next readable index: the
+        batch keeps its size and the skips are counted by kind (`train/skipped/<kind>`), never dropped."""
+        skipped: dict[str, int] = {}
+        for k in range(min(MAX_SKIPS_PER_READ, len(self.ds))):
+            try:
+                return self.ds[(i + k) % len(self.ds)], skipped
+            except SkipSample as err:
+                skipped[err.kind] = skipped.get(err.kind, 0) + 1
+                warnings.warn(f"sample skipped and counted: {err}")
+                last = err
+        raise RuntimeError(f"{sum(skipped.values())} samples in a row could not be read, from index {i}; "
+                           f"last: {last}") from None
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -150,6 +166,8 @@ class CaptionDataModule(NamedEvalSets, L.LightningDataModule):
         max_length: longest sequence in tokens (image block included); longer captions are truncated and counted.
         text_length: instead of `max_length`: the caption budget in tokens (`</s>` included), added to the
             image block `<s>[IMG]<image>×N[/IMG]`, so the budget holds whatever N the adapter gives.
+        max_bad_fraction: the share of training reads that may be skipped (undecodable images...; counted as
+            `train/skipped/<kind>`) before the run stops.
         tokenizer: linked from `model.tokenizer` by the CLI.
         num_image_tokens: linked from `model.adapter.num_tokens` by the CLI.
     """
@@ -157,7 +175,8 @@ class CaptionDataModule(NamedEvalSets, L.LightningDataModule):
     def __init__(self, train: Dataset | None = None, val: dict[str, Dataset] | None = None,
                  test: dict[str, Dataset] | None = None, image_size: int = 64, batch_size: int = 32,
                  eval_batch_size: int = 64, num_workers: int = 0, max_length: int = 64,
-                 tokenizer: Any = None, num_image_tokens: int = 32, text_length: int | None = None):
+                 tokenizer: Any = None, num_image_tokens: int = 32, text_length: int | None = None,
+                 max_bad_fraction: float = 0.01):
         super().__init__()
         from emu_lightning.data.synthetic.scenes import SyntheticCaptions
 
@@ -170,7 +189,7 @@ class CaptionDataModule(NamedEvalSets, L.LightningDataModule):
             "heldout": SyntheticCaptions(split="heldout", size=512, image_size=image_size)}
         self.transform = image_transform(image_size)
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        self.max_length, self.text_length = max_length, text_length
+        self.max_length, self.text_length, self.max_bad_fraction = max_length, text_length, max_bad_fraction
         self.tokenizer, self.num_image_tokens = tokenizer, num_image_tokens
         self._train_loader: ResumableMapLoader | None = None     # set by train_dataloader when resumable
 

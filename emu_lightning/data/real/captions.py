@@ -28,8 +28,11 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 class BadImage(SkipSample):
-    """An image file that exists but does not decode (truncated, corrupt, not an image). The stage-2 mixture skips
-    and counts the sample; elsewhere it is an error naming the file."""
+    """An image file that exists but does not decode (truncated, corrupt, not an image). Training skips and counts
+    the sample (`train/skipped/bad_image`) up to the data's `max_bad_fraction`; `dataset[i]` raises it, naming
+    the file."""
+
+    kind = "bad_image"
 
 
 def _load_rgb(path: Path, where: str = "") -> Image.Image:
@@ -191,16 +194,19 @@ class WebDatasetPairs(IterableDataset):
 
     def iter_shard(self, reader: int | None = None, readers: int | None = None) -> Iterator[dict]:
         """The samples of `my_shards(reader, readers)`, in order (``__iter__``: the running worker's)."""
-        self.stats = Counter()
+        self.stats, self._pending = Counter(), Counter()
         for shard in self.my_shards(reader, readers):
             try:
                 for key, files in self._groups(shard):
                     sample = self._decode(shard, key, files)
                     if sample is not None:
+                        # the skips since the last sample ride on this one: the training process counts them
+                        sample["skipped"], self._pending = dict(self._pending), Counter()
                         yield sample
             except (tarfile.TarError, EOFError, OSError) as err:
                 # A truncated or corrupt shard: what was read is kept, the rest of the shard is skipped and counted.
                 self.stats["skipped/bad_shard"] += 1
+                self._pending["bad_shard"] += 1
                 warnings.warn(f"{shard}: unreadable tar past sample {self.stats['seen']} ({type(err).__name__}: "
                               f"{err}); the rest of this shard is skipped")
         if self.stats["seen"] and not self.stats["ok"]:
@@ -225,6 +231,7 @@ class WebDatasetPairs(IterableDataset):
 
     def _skip(self, shard: str, key: str, reason: str) -> None:
         self.stats[f"skipped/{reason}"] += 1
+        self._pending[reason] += 1
         warnings.warn(f"{shard}: skipped sample {key!r} ({reason})")
         skipped = self.stats["seen"] - self.stats["ok"]
         fraction = skipped / self.stats["seen"]

@@ -65,8 +65,8 @@ def check_image_files(paths: list, listed_in: str, decode_sample: int = 16, show
     """Start-up check of a source's (existing) image files, before any training: each must be non-empty, and an
     evenly spread sample of `decode_sample` must have a header PIL can read; full decoding stays lazy. The bad
     ones are listed in one warning now, so nobody learns of them hours in. Reading one later raises `BadImage`
-    naming it, as for any undecodable file (the stage-2 mixture skips and counts such samples up to its
-    `max_bad_fraction`). Returns them."""
+    naming it, which training skips and counts (`train/skipped/bad_image`) up to the data's `max_bad_fraction`.
+    Returns them."""
     bad = [f"empty (0 bytes): {p}" for p in paths if os.stat(p).st_size == 0]
     step = max(1, len(paths) // max(1, decode_sample))
     for path in list(paths)[::step][:decode_sample]:
@@ -80,8 +80,8 @@ def check_image_files(paths: list, listed_in: str, decode_sample: int = 16, show
     if bad:
         sampled = min(decode_sample, len(paths))
         warnings.warn(f"{len(bad)} bad image file(s) listed in {listed_in} (every file checked for size, {sampled} "
-                      f"sampled for a readable header); reading one raises BadImage (the stage-2 mixture skips "
-                      f"and counts it):\n  "
+                      f"sampled for a readable header); training skips and counts each (train/skipped/bad_image):"
+                      f"\n  "
                       + "\n  ".join(bad[:show]) + (f"\n  ... and {len(bad) - show} more" if len(bad) > show else ""),
                       stacklevel=2)
     return bad
