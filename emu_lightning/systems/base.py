@@ -120,11 +120,13 @@ class PartsSystem(L.LightningModule):
         self.counters["skipped"] = self.counters.get("skipped", 0) + n
         for kind, k in skipped.items():
             self.counters[f"skipped/{kind}"] = self.counters.get(f"skipped/{kind}", 0) + k
-        self.log("train/skipped_total", float(self.counters["skipped"]))
-        for key, value in self.counters.items():
-            if key.startswith("skipped/"):
-                self.log(f"train/{key}", float(value))
-        limit = getattr(getattr(self.trainer, "datamodule", None), "max_bad_fraction", None)
+        trainer = self._trainer                                  # None when called outside a Trainer (tests)
+        if trainer is not None:
+            self.log("train/skipped_total", float(self.counters["skipped"]))
+            for key, value in self.counters.items():
+                if key.startswith("skipped/"):
+                    self.log(f"train/{key}", float(value))
+        limit = getattr(getattr(trainer, "datamodule", None), "max_bad_fraction", None)
         seen, bad = self.counters["seen"], self.counters["skipped"]
         if limit is not None and seen >= min_seen and bad / seen > limit:
             kinds = {k[len("skipped/"):]: v for k, v in self.counters.items() if k.startswith("skipped/")}
