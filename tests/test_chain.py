@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import signal
 from pathlib import Path
 
 import pytest
@@ -128,7 +129,9 @@ def test_failed_stage_stops_the_chain_and_names_its_log(tmp_path, one_thread, ca
                                          "overrides": {"model.init_args.no_such_arg": 1}},
                                         {"name": "s2", "recipe": _recipe("stage2_meanpool"), "init_from": "s1"}]})
     out = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)
     assert main([str(path), "--out", str(out), "--threads", "1", "--", *SMALL]) == 1
+    assert signal.getsignal(signal.SIGTERM) is before    # the runner's SIGTERM exit does not outlive it
     err = capsys.readouterr().err
     assert "stage s1 failed" in err and str(out / "s1" / "run.log") in err
     assert not (out / "s2").exists()

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 import yaml
 
 from emu_lightning.sweeps.runner import execute
-from emu_lightning.sweeps.spec import Run, Sweep, read_status, split_passthrough
+from emu_lightning.sweeps.spec import Run, Sweep, exit_on_sigterm, read_status, split_passthrough
 
 STAGE_KEYS = {"name", "recipe", "init_from", "overrides"}
 SAMPLE_KEYS = {"images", "caption", "answer", "generate", "decoder", "prompts", "max_new_tokens"}
@@ -217,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print:
         print("\n".join(commands(chain, out)))
         return 0
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # stop the running stage (it saves last.ckpt), then exit
     try:
-        run_chain(chain, out, extra, args.threads or os.cpu_count() or 1)
+        with exit_on_sigterm():   # stop the running stage (it saves last.ckpt), then exit
+            run_chain(chain, out, extra, args.threads or os.cpu_count() or 1)
     except (FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -28,7 +28,6 @@ import itertools
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -40,7 +39,7 @@ from typing import Any
 import yaml
 
 from emu_lightning.sweeps.results import collect, plot, write_results
-from emu_lightning.sweeps.spec import Run, Sweep, read_status, safe_name, split_passthrough
+from emu_lightning.sweeps.spec import Run, Sweep, exit_on_sigterm, read_status, safe_name, split_passthrough
 
 SEED_KEY = "seed_everything"
 VARIANT = "variant"                                # the table column of a `runs:` entry's name
@@ -279,7 +278,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="list the runs and what is left, run nothing")
     p.add_argument("--report", action="store_true", help="only rebuild results.csv/.md and the plots")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a scheduler's SIGTERM: stop children, then exit
     if args.dry_run:
         sweep = load_sweep(args.sweep)
         out = Path(args.out).resolve() if args.out else (sweep.out or Path("runs/sweeps").resolve() / sweep.path.stem)
@@ -288,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in runs:
             print(f"{'todo' if r.name in left else 'skip'}  {r.name}  {r.overrides}")
         return 0
-    rows, text = run_sweep(args.sweep, args.out, args.parallel, args.threads, extra, args.retry_failed, args.report)
+    with exit_on_sigterm():   # a scheduler's SIGTERM: stop the children (they save last.ckpt), then exit
+        rows, text = run_sweep(args.sweep, args.out, args.parallel, args.threads, extra, args.retry_failed, args.report)
     print(text)
     return 0 if all(r["state"] == "done" for r in rows) else 1
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,3 +53,15 @@ def split_passthrough(argv: list[str] | None) -> tuple[list[str], list[str]]:
         return argv, []
     cut = argv.index("--")
     return argv[:cut], argv[cut + 1:]
+
+
+@contextmanager
+def exit_on_sigterm(code: int = 143):
+    """While the block runs, SIGTERM (a scheduler, `kill`) exits with `code` so the runner stops its child runs
+    (which save `last.ckpt`); the previous handler comes back after, so a caller in the same process (a test, a
+    notebook, a later Lightning fit) is not left with it."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(code))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
