@@ -8,7 +8,6 @@ CheckpointIO.
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import sys
 
@@ -26,7 +25,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.hparams import ConfigToTensorBoard
-from emu_lightning.checkpoints.io import SafeCheckpointIO, refusal
+from emu_lightning.checkpoints.io import LOAD_FAILURES, SafeCheckpointIO, refusal
 from emu_lightning.systems.base import PartsSystem
 
 # Known-benign messages, silenced here so that a run's log shows what needs attention:
@@ -92,7 +91,7 @@ class EmuCLI(LightningCLI):
         # LightningCLI reads `ckpt_path`'s hyper-parameters first (weights_only=True): its refusal gets our message.
         try:
             super()._parse_ckpt_path()
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, LookupError, ValueError, TypeError) as err:
+        except LOAD_FAILURES as err:
             path = self.config[self.config.subcommand].get("ckpt_path")
             if isinstance(err, FileNotFoundError):
                 raise FileNotFoundError(f"--ckpt_path {path}: no such file") from None

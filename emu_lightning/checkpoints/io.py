@@ -24,6 +24,11 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
+# What a weights_only `torch.load` raises on a file it cannot take: a refused pickled object, a truncated file, or
+# bytes that are no checkpoint at all (the unpickler trips on whatever they happen to encode: KeyError, IndexError...).
+LOAD_FAILURES = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, LookupError, ValueError, TypeError)
+
+
 def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """`torch.load(path, weights_only=True)`, with errors that name the file and say why.
 
@@ -36,7 +41,7 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, LookupError, ValueError, TypeError) as err:
+    except LOAD_FAILURES as err:
         # a file that is not a torch checkpoint at all (text, an image) fails inside the unpickler with whatever
         # its bytes happen to trigger (KeyError, IndexError, ...): always name the file and say what it is not
         raise refusal(path, err) from None

@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from emu_lightning.data.layout.sequence import SkipSample
-from emu_lightning.data.real.images import check_image_files, open_rgb
+from emu_lightning.data.real.images import UNDECODABLE, check_image_files, open_rgb
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -41,7 +41,7 @@ def _load_rgb(path: Path, where: str = "") -> Image.Image:
         return open_rgb(path)
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except UNDECODABLE as err:
         raise BadImage(f"{where}image {path} does not decode ({type(err).__name__}: {err})") from None
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 BACKGROUND = (255, 255, 255)
+UNDECODABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)   # what PIL raises on a bad file
 ALPHA_MODES = {"LA", "PA", "RGBA", "RGBa", "La"}
 
 
@@ -67,15 +68,16 @@ def check_image_files(paths: list, listed_in: str, decode_sample: int = 16, show
     ones are listed in one warning now, so nobody learns of them hours in. Reading one later raises `BadImage`
     naming it, which training skips and counts (`train/skipped/bad_image`) up to the data's `max_bad_fraction`.
     Returns them."""
-    bad = [f"empty (0 bytes): {p}" for p in paths if os.stat(p).st_size == 0]
+    empty = {p for p in paths if os.stat(p).st_size == 0}
+    bad = [f"empty (0 bytes): {p}" for p in paths if p in empty]
     step = max(1, len(paths) // max(1, decode_sample))
     for path in list(paths)[::step][:decode_sample]:
-        if os.stat(path).st_size == 0:
+        if path in empty:
             continue
         try:
             with Image.open(path) as im:
                 im.size                                           # the header only
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        except UNDECODABLE as err:
             bad.append(f"does not decode ({type(err).__name__}): {path}")
     if bad:
         sampled = min(decode_sample, len(paths))
