@@ -6,17 +6,18 @@ Every released key name below comes from code read in `baaivision/Emu` (commit a
   (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.{i}`; Emu1 also `norm`, `head` since it is built with
   `use_mean_pooling=False, num_classes=embed_dim`), `Block` (`norm1`, `attn`, `norm2`, `mlp`), `Attention`
   (`qkv.weight`, `q_bias`, `v_bias`, `proj`), `Mlp` (`fc1`, `fc2`).
-- LLaMA (`decoder.lm.*`): `Emu2/emu/lm.py` (a transformers `LlamaForCausalLM` at `self.lm`, `project_down` and
-  `project_up` set on it) and `Emu2/emu/conf/llama_config/pytorch_model.bin.index.json` (per-layer
-  `self_attn.rotary_emb.inv_freq` buffers); Emu1's `LLaMAForClsAndRegression` (modeling_llama.py, found by content
-  search: `self.lm.stu_regress_head`).
-- C-Former (Emu1): `causal_former.py` (found by content search; not in the stored file list): `cformer`
+- LLaMA (`decoder.lm.*`): `Emu2/emu/lm.py` (a transformers `LlamaForCausalLM` at `self.lm`; at a8bd539 it also
+  held `project_down` and `project_up`, which `Emu2/emu/emu.py` L52-55 holds since db5d37e / 13c395e) and
+  `Emu2/emu/conf/llama_config/pytorch_model.bin.index.json` (per-layer `self_attn.rotary_emb.inv_freq` buffers);
+  Emu1's `LLaMAForClsAndRegression` (`Emu1/models/modeling_llama.py` L127-173: `self.lm.stu_regress_head`).
+- C-Former (Emu1): `Emu1/models/causal_former.py` (L25-40 at 13c395e): `cformer`
   = `T5ForConditionalGeneration(t5-base).decoder` (so it keeps `embed_tokens`), `causal_tokens` (1, n_causal, d),
   `projection` Linear(d, out) with bias; `Emu1/models/modeling_t5.py`: cross-attention `k`/`v` take
   `config.encoder_width`; `Emu1/models/modeling_emu.py`: `ln_visual` LayerNorm(eps 1e-6), `visual`, `cformer`,
   `decoder`.
-- HF layout (Emu2 `EmuForCausalLM` remote code, found by content search): `model.visual.*`, `model.decoder.lm.*`,
-  `project_down`, `project_up`.
+- HF layout (Emu2 `EmuForCausalLM` remote code; its module names are listed in
+  `Emu2/demo/backend/hf_model/emu/chat.py` L268-282): `model.visual.*`, `model.decoder.lm.*`, `project_down`,
+  `project_up`.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from emu_lightning.checkpoints.convert.common import ConversionError, KeyMap, to_ours, to_released
+from emu_lightning.checkpoints.convert.common import ConversionError, KeyMap, check_rope, to_ours, to_released
 from emu_lightning.checkpoints.convert.tokenizer import EMU1_SPECIALS, EMU2_SPECIALS, released_tokenizer
 
 # Tiny shapes, same names: EVA width 64 (2 heads of 32), 2 blocks, patch 8 at 32 px (4×4 grid); LLaMA width 96.
@@ -194,3 +195,73 @@ def test_a_wrong_row_count_names_the_counts(tmp_path):
     base = base_tokenizer(tmp_path / "llama")
     with pytest.raises(ConversionError, match=r"310 rows .* 300 plain tokens: 10 added rows, expected 4"):
         released_tokenizer(base, EMU1_SPECIALS, 310)
+
+
+# ---------------------------------------------------------------- RoPE buffers and release configs
+
+def _rope(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_rope_buffers_rounded_to_their_stored_dtype_are_accepted(dtype):
+    """Emu1 casts its LLaMA, buffers included, to bf16 (`Emu1/models/modeling_llama.py` L173 `self.lm.bfloat16()`,
+    `Emu1/inference.py` L176); Emu2's native loaders cast the model to bf16 before loading (`Emu2/emu/chat.py` L206,
+    `Emu2/emu/diffusion.py` L260). Rounding to bf16 moves inv_freq by up to 2^-8 relative (fp16: 2^-11)."""
+    state = {f"decoder.lm.model.layers.{i}.self_attn.rotary_emb.inv_freq": _rope(48).to(dtype) for i in range(2)}
+    if dtype == torch.bfloat16:
+        assert ((state["decoder.lm.model.layers.0.self_attn.rotary_emb.inv_freq"].float() - _rope(48)).abs()
+                / _rope(48)).max() > 1e-3
+    check_rope(state, 96, 2, "ckpt", "--llm-heads 2")
+
+
+@pytest.mark.parametrize("dtype, buffer", [
+    (torch.bfloat16, _rope(48, theta=1e6)),         # another RoPE base
+    (torch.bfloat16, _rope(48) / 2),                 # linear position scaling by 2
+    (torch.bfloat16, _rope(48) * 1.02),              # 2 %: beyond bf16 rounding
+    (torch.float32, _rope(48) * (1 + 1e-4)),         # within the old fixed 1e-3, far beyond fp32 rounding
+], ids=["theta-1e6-bf16", "scaled-bf16", "2pc-bf16", "1e-4-fp32"])
+def test_buffers_that_are_not_the_rope_frequencies_are_refused_naming_key_dtype_and_tolerance(dtype, buffer):
+    state = {"decoder.lm.model.layers.0.self_attn.rotary_emb.inv_freq": buffer.to(dtype)}
+    name = str(dtype).replace(".", r"\.")
+    with pytest.raises(ConversionError, match=rf"ckpt: decoder\.lm\.model\.layers\.0\.self_attn\.rotary_emb\.inv_freq "
+                                              rf"\({name}\) differs from the RoPE frequencies 1/10000\^\(2i/48\) .* by "
+                                              rf"up to .*; {name} rounding allows"):
+        check_rope(state, 96, 2, "ckpt", "--llm-heads 2")
+
+
+# The released config files, field for field (baaivision/Emu 13c395e): Emu1/models/Emu-14B.json,
+# Emu1/models/llama_config/config.json and Emu2/emu/conf/llama_config/config.json (the fields read here).
+EMU1_MODEL_JSON = {"embed_dim": 1024,
+                   "vision_cfg": {"image_size": 224, "layers": 40, "width": 1408, "head_width": 88,
+                                  "mlp_ratio": 4.3637, "patch_size": 14, "eva_model_name": "eva-clip-g-14-x",
+                                  "drop_path_rate": 0, "xattn": True, "freeze": False},
+                   "multimodal_cfg": {"name": "llama-13B", "xattn": True, "n_causal": 32, "freeze": False},
+                   "vladapter_cfg": {"name": "cformer", "n_causal": 32}}
+LLAMA_13B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 5120, "intermediate_size": 13824,
+             "max_position_embeddings": 2048, "model_type": "llama", "num_attention_heads": 40,
+             "num_hidden_layers": 40, "rms_norm_eps": 1e-06, "vocab_size": 32000}
+LLAMA_33B = {**LLAMA_13B, "hidden_size": 6656, "intermediate_size": 17920, "num_attention_heads": 52,
+             "num_hidden_layers": 60}
+
+
+def test_release_config_files_state_the_released_head_counts(tmp_path):
+    import json
+
+    from emu_lightning.checkpoints.convert.config import read_configs
+
+    paths = {}
+    for name, cfg in {"Emu-14B.json": EMU1_MODEL_JSON, "emu1_llama.json": LLAMA_13B,
+                      "emu2_llama.json": LLAMA_33B}.items():
+        (tmp_path / name).write_text(json.dumps(cfg))
+        paths[name] = str(tmp_path / name)
+    emu1 = read_configs([paths["Emu-14B.json"], paths["emu1_llama.json"]])
+    got = {k: emu1[k].value for k in ("vision_heads", "vision_width", "vision_layers", "image_size", "patch_size",
+                                      "n_causal", "llm_heads", "llm_hidden", "llm_layers", "llm_ffn")}
+    assert got == dict(vision_heads=16, vision_width=1408, vision_layers=40, image_size=224, patch_size=14,
+                       n_causal=32, llm_heads=40, llm_hidden=5120, llm_layers=40, llm_ffn=13824)
+    assert emu1["vision_heads"].origin == "Emu-14B.json: vision_cfg.width / head_width = 1408 / 88"
+    assert read_configs([paths["emu2_llama.json"]])["llm_heads"].value == 52
+    with pytest.raises(ConversionError, match=r"emu1_llama\.json: num_attention_heads = 40 but emu2_llama\.json: "
+                                              r"num_attention_heads = 52"):
+        read_configs([paths["emu1_llama.json"], paths["emu2_llama.json"]])

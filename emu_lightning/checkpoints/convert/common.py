@@ -66,6 +66,7 @@ class Conversion:
     ours: dict[str, Tensor]
     aside: dict[str, Tensor]
     plan: dict[str, str] = field(default_factory=dict)   # released key → our key, or "unused: <group>"
+    dtypes: dict[str, str] = field(default_factory=dict)  # released key → its stored dtype ("bfloat16")
 
 
 def to_ours(state: dict[str, Tensor], maps: list[KeyMap], source: str) -> Conversion:
@@ -77,6 +78,7 @@ def to_ours(state: dict[str, Tensor], maps: list[KeyMap], source: str) -> Conver
         if rule is None:
             unmatched.append(key)
             continue
+        out.dtypes[key] = str(value.dtype).removeprefix("torch.")
         if rule.ours is None:
             out.aside[key] = value
             out.plan[key] = f"unused: {rule.group}"
@@ -92,40 +94,52 @@ def to_ours(state: dict[str, Tensor], maps: list[KeyMap], source: str) -> Conver
     return out
 
 
-def to_released(ours: dict[str, Tensor], aside: dict[str, Tensor], maps: list[KeyMap],
-                source: str) -> dict[str, Tensor]:
-    """The inverse of `to_ours`: our tensors renamed back, plus the aside tensors."""
+def to_released(ours: dict[str, Tensor], aside: dict[str, Tensor], maps: list[KeyMap], source: str,
+                dtypes: dict[str, str] | None = None) -> dict[str, Tensor]:
+    """The inverse of `to_ours`: our tensors renamed back, plus the aside tensors. `dtypes` (released key → dtype,
+    as `to_ours` recorded them) casts each tensor back to the dtype the release stored it in: a model fine-tuned in
+    fp32 from a bf16 release exports as bf16, as the released loaders expect."""
     out, unmatched = dict(aside), []
     for key, value in ours.items():
         rule = next((m for m in maps if m.match(key, "ours") is not None), None)
         if rule is None:
             unmatched.append(key)
             continue
-        out[rule.released.format(*rule.match(key, "ours"))] = rule.to_released(value)
+        name = rule.released.format(*rule.match(key, "ours"))
+        value = rule.to_released(value)
+        out[name] = value.to(getattr(torch, dtypes[name])) if dtypes and name in dtypes else value
     if unmatched:
         raise ConversionError(f"{source}: {len(unmatched)} keys have no released counterpart: {sorted(unmatched)[:20]}")
     return out
 
 
 def read_released(src: str) -> dict[str, Tensor]:
-    """A released state dict from a file (.safetensors / .bin / .pt / .pth) or a folder of shards (an HF
-    `*.index.json`, else every weight file in it). A `{"module": ...}` / `{"state_dict": ...}` wrapper is unwrapped
-    (the released Emu2 loader unwraps "module")."""
+    """A released state dict from a file (.safetensors / .bin / .pt / .pth), an HF shard index (`*.index*.json`:
+    `model.safetensors.index.json`, or a variant's `model.safetensors.index.bf16.json` as in Emu2-Gen's
+    `multimodal_encoder/`), or a folder holding one index or else weight files. A `{"module": ...}` /
+    `{"state_dict": ...}` wrapper is unwrapped (the released Emu1 loader and the first Emu2 loader unwrap "module")."""
     path = Path(src)
     if path.is_dir():
-        index = sorted(path.glob("*.index.json"))
+        index = sorted(path.glob("*.index*.json"))
+        if len(index) > 1:
+            raise ConversionError(f"{src}: {len(index)} shard indexes ({[p.name for p in index]}): pass the one "
+                                  f"to convert as SRC")
         if index:
-            files = sorted({path / f for f in json.loads(index[0].read_text())["weight_map"].values()})
-        else:
-            files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+            return read_released(str(index[0]))
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
         if not files:
-            raise ConversionError(f"{src}: a folder with no weight files (.safetensors/.bin/.pt/.pth or *.index.json)")
-        state: dict[str, Tensor] = {}
-        for f in files:
-            state.update(read_released(str(f)))
-        return state
+            hint = (": an Emu2-Gen pipeline folder? pass its multimodal_encoder/ folder"
+                    if (path / "multimodal_encoder").is_dir() else "")
+            raise ConversionError(f"{src}: a folder with no weight files (.safetensors/.bin/.pt/.pth or "
+                                  f"*.index*.json){hint}")
+        return _merge(files, src)
     if not path.is_file():
         raise FileNotFoundError(f"released checkpoint not found: {src}")
+    if path.suffix == ".json":
+        weight_map = json.loads(path.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{src}: a JSON file without a `weight_map`: not a shard index")
+        return _merge(sorted({path.parent / f for f in weight_map.values()}), src)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -139,15 +153,52 @@ def read_released(src: str) -> dict[str, Tensor]:
     return obj
 
 
-def check_rope(state: dict[str, Tensor], head_dim: int, source: str, theta: float = 10000.0) -> None:
-    """Released LLaMA `rotary_emb.inv_freq` buffers (transformers 4.29 saved them) must be the standard RoPE
-    frequencies that our Llama recomputes; anything else would change the computation."""
+def _merge(files: list[Path], src: str) -> dict[str, Tensor]:
+    """The shards' union; a key in two shards (e.g. two variants of one model side by side) is an error."""
+    state: dict[str, Tensor] = {}
+    for f in files:
+        part = read_released(str(f))
+        twice = sorted(part.keys() & state.keys())
+        if twice:
+            raise ConversionError(f"{src}: {len(twice)} keys appear in more than one weight file (first "
+                                  f"{twice[:3]}, again in {f.name}): pass one file or its index as SRC")
+        state.update(part)
+    return state
+
+
+def rope_tolerance(dtype: torch.dtype) -> float:
+    """Relative error a stored `inv_freq` may have: the rounding of its dtype (bf16 2^-8, fp16 2^-11: the released
+    loaders cast the whole model, buffers included, to bf16) plus fp32 slack for a different evaluation order."""
+    return torch.finfo(dtype).eps / 2 + 1e-6
+
+
+def check_rope(state: dict[str, Tensor], hidden: int, heads: int, source: str, heads_from: str,
+               theta: float = 10000.0) -> None:
+    """Released LLaMA `rotary_emb.inv_freq` buffers (transformers <= 4.30 saved them) must be the standard RoPE
+    frequencies that our Llama recomputes; anything else would change the computation.
+
+    Their length is head_dim / 2, so they show the head count that `heads` (from `heads_from`: a flag or a config
+    field) must match; their values must be 1/theta^(2i/head_dim) within the rounding of the stored dtype."""
+    if heads <= 0 or hidden % heads:
+        raise ConversionError(f"{source}: {heads_from} does not divide the LLaMA width {hidden} into heads")
+    head_dim = hidden // heads
+    buffers = {k: v for k, v in state.items() if k.endswith("rotary_emb.inv_freq")}
+    for key, v in buffers.items():
+        if v.ndim != 1 or hidden % (2 * v.numel()):
+            raise ConversionError(f"{source}: {key} has shape {tuple(v.shape)}; a RoPE inv_freq buffer has "
+                                  f"head_dim / 2 entries, with head_dim dividing the LLaMA width {hidden}")
+        if v.numel() != head_dim // 2:
+            raise ConversionError(f"{source}: {key} has {v.numel()} entries, so head_dim = {2 * v.numel()} and the "
+                                  f"LLaMA has {hidden} / {2 * v.numel()} = {hidden // (2 * v.numel())} heads; "
+                                  f"{heads_from} gives {heads} heads (head_dim {head_dim})")
     want = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    bad = [k for k, v in state.items() if k.endswith("rotary_emb.inv_freq")
-           and (v.shape != want.shape or not torch.allclose(v.float(), want, rtol=1e-3))]
-    if bad:
-        raise ConversionError(f"{source}: {bad[:3]} are not the RoPE frequencies 1/{theta:g}^(2i/{head_dim}) that "
-                              f"transformers' Llama computes")
+    for key, v in buffers.items():
+        err = ((v.float() - want).abs() / want).max().item()
+        if err > rope_tolerance(v.dtype):
+            raise ConversionError(f"{source}: {key} ({v.dtype}) differs from the RoPE frequencies "
+                                  f"1/{theta:g}^(2i/{head_dim}) that transformers' Llama computes by up to {err:.3g} "
+                                  f"(relative); {v.dtype} rounding allows {rope_tolerance(v.dtype):.3g}. A scaled or "
+                                  f"re-based RoPE is not what our Llama computes")
 
 
 def count_blocks(state: dict[str, Tensor], prefix: str) -> int:

@@ -5,7 +5,7 @@ DST/weights.pt            # our parts' state dict (encoder.* adapter.* llm.* reg
 DST/released_extra.pt     # released tensors our components do not use (kept for an exact export)
 DST/tokenizer/            # the released tokenizer (+ the platform's specials appended)
 DST/model.yaml            # recipe overlay: component shapes, released behaviour options, tokenizer, init_from
-DST/conversion.json       # release, layout, vocabulary rows, and released key → our key for every key
+DST/conversion.json       # release, layout, vocabulary rows, released key → our key and → stored dtype, every key
 ```
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ def write_folder(dst: str, conversion: Conversion, tokenizer: Any, components: d
     header = (f"# {note}\n# Stack it after a recipe: main.py fit --config recipes/<emu1|emu2>/finetune_released.yaml "
               f"--config {out / 'model.yaml'}\n")
     (out / "model.yaml").write_text(header + yaml.safe_dump(overlay, sort_keys=False))
-    (out / "conversion.json").write_text(json.dumps({**meta, "keys": conversion.plan}, indent=1))
+    (out / "conversion.json").write_text(json.dumps({**meta, "keys": conversion.plan, "dtypes": conversion.dtypes},
+                                                    indent=1))
     return out
 
 
@@ -66,5 +67,11 @@ def read_folder(folder: str, weights: str | None = None) -> tuple[dict[str, Tens
 
 
 def save_released(state: dict[str, Tensor], path: str) -> None:
-    """Write a state dict in the released layout (one torch file)."""
-    torch.save(state, path)
+    """Write a state dict in the released layout: a safetensors file when `path` ends in `.safetensors` (Emu2-Gen's
+    native file is one, read by `Emu2/emu/diffusion.py` with `load_file`), else one torch file (`torch.load`)."""
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    else:
+        torch.save(state, path)
