@@ -33,6 +33,36 @@ def load_state_dict_file(path: str) -> dict[str, Tensor]:
     return torch.load(str(file), map_location="cpu", weights_only=True)
 
 
+class ConvStem(nn.Module):
+    """Convolutional patch embedding: 3×3 stride-2 convolutions (GroupNorm, GELU) down to the patch grid, then a
+    1×1 projection to the width (Xiao et al. 2021, "Early Convolutions Help Transformers See Better",
+    arXiv:2106.14881). Same input and output as the one-layer patchify convolution it replaces:
+    (B,3,H,W) -> (B,D,H/p,W/p), p a power of two.
+
+    From random init it gives a small ViT locality and translation equivariance, so shape features are learned
+    in hundreds of steps rather than thousands (docs/synthetic_world.md, "How fast the debug model learns").
+    Only for trunks trained from scratch: released EVA weights have a patchify convolution.
+    """
+
+    def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3, width: int = 32) -> None:
+        super().__init__()
+        n = patch_size.bit_length() - 1
+        if patch_size < 2 or 2**n != patch_size:
+            raise ValueError(f"stem='conv' needs a patch_size that is a power of two >= 2, got {patch_size}")
+        layers: list[nn.Module] = []
+        c_in = in_chans
+        for i in range(n):
+            c_out = min(width * 2**i, embed_dim)
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+                       nn.GroupNorm(min(8, c_out), c_out), nn.GELU()]
+            c_in = c_out
+        layers.append(nn.Conv2d(c_in, embed_dim, 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
 class EVAEncoder(nn.Module):
     """timm EVA / EVA-02 trunk that returns one block's raw tokens.
 
@@ -48,6 +78,8 @@ class EVAEncoder(nn.Module):
         drop_cls: Drop the prefix (CLS) token(s) from the output (Emu2) or keep them (Emu1).
         checkpoint_path: Local timm- or open_clip-format state dict (.safetensors / .pt / .bin); None = random.
         frozen: Freeze at construction (no grads, stays in eval mode).
+        stem: `patch` (the ViT's one-layer patchify convolution, as released) or `conv` (a `ConvStem` in its
+            place; random init only).
     """
 
     def __init__(
@@ -63,14 +95,23 @@ class EVAEncoder(nn.Module):
         drop_cls: bool = False,
         checkpoint_path: str | None = None,
         frozen: bool = False,
+        stem: str = "patch",
     ) -> None:
         super().__init__()
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"EVAEncoder: stem={stem!r}; expected 'patch' or 'conv'")
+        if stem == "conv" and checkpoint_path is not None:
+            raise ValueError(f"EVAEncoder: stem='conv' cannot load {checkpoint_path}: released EVA weights have a "
+                             "patchify stem; use stem='patch' with a checkpoint")
         overrides: dict[str, Any] = {"img_size": img_size, "num_classes": 0}
         for key, value in (("patch_size", patch_size), ("depth", depth),
                            ("embed_dim", embed_dim), ("num_heads", num_heads), ("mlp_ratio", mlp_ratio)):
             if value is not None:
                 overrides[key] = value
         trunk = timm.create_model(model_name, pretrained=False, **overrides)
+        if stem == "conv":  # PatchEmbed runs proj -> flatten -> norm; only proj changes
+            conv = trunk.patch_embed.proj
+            trunk.patch_embed.proj = ConvStem(conv.kernel_size[0], conv.out_channels, conv.in_channels)
         n_blocks = len(trunk.blocks)
         if not -n_blocks <= layer < n_blocks:
             raise ValueError(f"layer {layer} out of range for {model_name} with {n_blocks} blocks")

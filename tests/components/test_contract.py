@@ -109,9 +109,10 @@ class ComponentContract:
 class EncoderContract(ComponentContract):
     drop_cls = False
     layer = -1
+    stem = "patch"
 
     def make(self) -> nn.Module:
-        return EVAEncoder.tiny(drop_cls=self.drop_cls, layer=self.layer)
+        return EVAEncoder.tiny(drop_cls=self.drop_cls, layer=self.layer, stem=self.stem)
 
     def inputs(self) -> tuple[Tensor, ...]:
         return (torch.randn(B, 3, 64, 64),)
@@ -148,6 +149,25 @@ class TestEncoderPenultimateKeepCLS(EncoderContract):
 
 class TestEncoderPenultimateDropCLS(EncoderContract):
     drop_cls, layer = True, -2
+
+
+class TestEncoderConvStem(EncoderContract):
+    drop_cls, stem = True, "conv"
+
+    def test_stem_downsamples_to_the_patch_grid(self) -> None:
+        stem = self.make().trunk.patch_embed.proj
+        convs = [m for m in stem.modules() if isinstance(m, nn.Conv2d)]
+        assert [c.stride[0] for c in convs] == [2, 2, 2, 1]  # patch 8 = three stride-2 3×3 convs, then 1×1
+        assert stem(torch.randn(B, 3, 64, 64)).shape == (B, 64, 8, 8)
+
+
+def test_conv_stem_refuses_what_it_cannot_be() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        EVAEncoder.tiny(patch_size=6, stem="conv")
+    with pytest.raises(ValueError, match="released EVA weights have a patchify stem"):
+        EVAEncoder.tiny(stem="conv", checkpoint_path="eva.safetensors")
+    with pytest.raises(ValueError, match="expected 'patch' or 'conv'"):
+        EVAEncoder.tiny(stem="resnet")
 
 
 class TestMeanPoolProjector(ComponentContract):
