@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 
 # Nothing is ever fetched from a hub: weights and tokenizers come from local paths in the recipe.
 # huggingface_hub reads this once at import, so it is set before anything imports transformers.
@@ -25,7 +26,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.hparams import ConfigToTensorBoard
-from emu_lightning.checkpoints.io import LOAD_FAILURES, SafeCheckpointIO, refusal
+from emu_lightning.checkpoints.handoff import CheckpointInfo, key_differences, part_names
+from emu_lightning.checkpoints.io import SafeCheckpointIO, safe_load
 from emu_lightning.systems.base import PartsSystem
 
 # Known-benign messages, silenced here so that a run's log shows what needs attention:
@@ -87,15 +89,70 @@ class EmuCLI(LightningCLI):
                              f"{model.template!r}: name the chat template once, on the model")
         data.template = model.template
 
+    _ckpt: CheckpointInfo | None = None     # what `--ckpt_path` is, checked against the recipe's system once built
+
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads `ckpt_path`'s hyper-parameters first (weights_only=True): its refusal gets our message.
+        """LightningCLI's reading of `--ckpt_path`'s hyper-parameters into the config, with the file read once by
+        `safe_load` (weights_only; a file that is no checkpoint is named as such) and what it is kept for
+        `after_instantiate_classes`. A checkpoint of another system class than the recipe's is not forced onto the
+        config (its hyper-parameters do not parse there, and the failure ended in a repr of the whole config): the
+        recipe is built as written and the check names both systems and their parts."""
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if not path:
+            return
+        if not Path(path).is_file():
+            if str(path) in ("last", "best", "hpc") or str(path).startswith("registry"):
+                return                                              # Lightning's own names, resolved by the Trainer
+            raise FileNotFoundError(f"--ckpt_path {path}: no such file")
+        ckpt = safe_load(path)
+        self._ckpt = CheckpointInfo.of(path, ckpt)
+        hparams = dict(ckpt.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        recipe = self.config[sub].get("model") and self.config[sub].model.get("class_path")
+        if not hparams or (recipe and hparams.get("_class_path", recipe) != recipe):
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         try:
-            super()._parse_ckpt_path()
-        except LOAD_FAILURES as err:
-            path = self.config[self.config.subcommand].get("ckpt_path")
-            if isinstance(err, FileNotFoundError):
-                raise FileNotFoundError(f"--ckpt_path {path}: no such file") from None
-            raise refusal(path, err) from None
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
+        self._ckpt_hparams = True
+
+    _ckpt_hparams = False                    # the model config holds `--ckpt_path`'s hyper-parameters
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            if not (self._ckpt and self._ckpt_hparams):
+                raise
+            # e.g. a stage-2 C-Former recipe resumed from a mean-pool run: its target_space='pooled' came with it
+            raise ValueError(f"{self._ckpt}; its hyper-parameters (which --ckpt_path applies over the recipe's) do "
+                             f"not build this recipe: {_root_cause(err)}") from None
+
+    def after_instantiate_classes(self) -> None:
+        """A `--ckpt_path` that does not fit the recipe's system fails now, before any data is read, naming the file,
+        the system that saved it and its parts, and what the recipe needs (instead of Lightning's strict-load error
+        or a config parse failure)."""
+        info, self._ckpt = self._ckpt, None
+        if info is None or not isinstance(self.model, PartsSystem):
+            return
+        want = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        system, needs = type(self.model).__name__, part_names(want)
+        hint = ("--ckpt_path resumes a run of this recipe; to start from another run's weights give it as "
+                "--model.init_args.init_from" if self.subcommand == "fit"
+                else "--ckpt_path must be a checkpoint of this recipe's system")
+        if info.parts != needs:
+            raise info.mismatch(system, needs, hint=hint)
+        if self.subcommand == "fit" and info.system not in (None, system):
+            raise info.mismatch(system, needs, f" (the same parts, but saved by {info.system})", hint)
+        diffs = [d for part in needs if (d := key_differences(info.shapes, want, part))]
+        if diffs:
+            raise info.mismatch(system, needs, "; " + "; ".join(diffs[:2]),
+                                "The recipe's parts are not the ones that were saved (another class or size)")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []

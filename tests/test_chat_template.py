@@ -81,6 +81,42 @@ def test_generation_prompt_ends_without_the_space_the_answer_token_carries(token
     assert run[:len(prompt)] == prompt and tokenizer.decode(run[len(prompt):]) == " red"
 
 
+class _Recorder:
+    """A stand-in system for `infer.Conversation`: records each prompt and replies with the training answer."""
+
+    def __init__(self, template: ChatTemplate, replies: list[str]):
+        self.template, self.replies, self.prompts = template, list(replies), []
+
+    def generate_text(self, docs, max_new_tokens, num_beams):
+        self.prompts += docs
+        return [self.replies.pop(0)]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_inference_chat_prompt_with_two_images_is_the_training_prefix(tokenizer, name):
+    """`python -m emu_lightning.inference chat --image a --image b --message ...` asks each turn with exactly the ids
+    that precede that answer in training (both image blocks, then the question, then ` [ASSISTANT]:`): an empty
+    reply from a two-image prompt is the model's, not the layout's."""
+    from emu_lightning.data.layout.tokens import IMAGE
+    from emu_lightning.inference import infer
+
+    sample = conversation(turns=2, images=2)
+    sample["conversations"][0]["value"] = f"{IMAGE}\n{IMAGE}\nwhich image has more shapes?"   # LLaVA / SyntheticChat
+    batch = collate(tokenizer, sample, PRESETS[name])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    starts = [k for k in range(len(labels)) if labels[k] != IGNORE and (k == 0 or labels[k - 1] == IGNORE)]
+
+    convo = infer.Conversation.__new__(infer.Conversation)       # the REPL's state, without a model
+    convo.system, convo.max_new_tokens, convo.num_beams = _Recorder(PRESETS[name], answers(sample)), 4, 1
+    convo.pending, convo.turns = [("image", IMG), ("image", IMG)], []
+    for turn in sample["conversations"][0::2]:
+        convo.say(turn["value"].replace(IMAGE, "").strip("\n"))
+    collator = SequenceCollator(tokenizer, N, 512)
+    asked = [collator.encode(doc, close=False, limit=10**9)[0] for doc in convo.system.prompts]
+    assert asked == [ids[:k] for k in starts]
+    assert asked[0].count(collator.ids.image) == 2 * N      # both images, in the first turn
+
+
 def test_template_glued_to_the_answer_is_caught_with_the_decoded_sample(tokenizer):
     glued = ChatTemplate(assistant=" [ASSISTANT]: sm")   # "sm" + answer "all" tokenizes as " small"
     sample = {"id": "glued", "images": [IMG], "conversations": [

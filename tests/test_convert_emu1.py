@@ -212,7 +212,7 @@ def emu_i_release(tokenizer_dir: str, base_layer: bool) -> tuple[dict, torch.nn.
     saved from the whole Emu, so LLaMA keys read `decoder.lm.base_model.model.*`. Tiny r = 4, alpha = 8 (the
     release: 16 / 16), trained (non-zero) B factors. `base_layer`: peft >= 0.7 names (this venv's 0.21.2); else the
     names of the peft of July 2023, without `.base_layer`. Returns the state and the peft model (the reference)."""
-    pytest.importorskip("peft", reason="peft (the dev extra) is the reference LoRA implementation")
+    pytest.importorskip("peft", reason="peft (pinned in pyproject) is the reference LoRA implementation")
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -243,7 +243,7 @@ def test_emu_i_lora_merges_as_peft_merges_and_exports_to_the_peft_layout(tmp_pat
     computes what the released file computes."""
     import copy
 
-    pytest.importorskip("peft", reason="peft (the dev extra) is the reference LoRA implementation")
+    pytest.importorskip("peft", reason="peft (pinned in pyproject) is the reference LoRA implementation")
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 

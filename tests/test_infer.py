@@ -175,6 +175,19 @@ def test_chat_with_messages(chat_run, images, tmp_path):
     assert all(isinstance(r["assistant"], str) for r in rows)
 
 
+def test_empty_answers_are_noted_not_passed_off(chat_run, images, tmp_path, monkeypatch, capsys):
+    """A model that ends every answer at once (an untrained or briefly tuned one emits </s> first) still exits 0,
+    but says so on stderr instead of printing nothing."""
+    from emu_lightning.systems.stage2 import Stage2System
+
+    monkeypatch.setattr(Stage2System, "generate_text", lambda self, docs, *a, **k: [""] * len(docs))
+    code, rows = run(["chat", "--ckpt", str(chat_run), "--image", images[0], "--image", images[1],
+                      "--message", "which image has more shapes?"], tmp_path)
+    assert code == 0 and rows == [{"user": "which image has more shapes?", "assistant": ""}]
+    err = capsys.readouterr().err
+    assert "note: 1 of 1 replies are empty" in err and "first token was </s>" in err, err
+
+
 def test_chat_reads_turns_from_stdin(chat_run, images, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("how many shapes are there?\n\nis there a red circle?\n"))  # blank: no turn
     code, rows = run(["chat", "--ckpt", str(chat_run), "--image", images[1]], tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -362,3 +363,23 @@ def test_llava_missing_and_undecodable_images(tmp_path):
     ds = LlavaConversations(str(_write(tmp_path, records)), str(tmp_path))
     with pytest.raises(BadImage, match=r"bad\.png.*does not decode"):
         ds[0]
+
+
+def test_llava_empty_and_undecodable_images_are_listed_at_start_up(tmp_path):
+    """Before training, not hours in: every referenced file is checked for size and a sample for a readable header;
+    the bad ones are listed once (a file two records share too), and each read of one is a counted skip."""
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    records = [{"id": f"r{i}", "image": name, "conversations": _turns(("human", "q"), ("gpt", "a"))}
+               for i, name in enumerate(["a.png", "empty.png", "bad.png", "bad.png"])]
+    path = _write(tmp_path, records)
+    with pytest.warns(UserWarning, match=r"2 bad image file\(s\) listed in .*chat\.json") as record:
+        ds = LlavaConversations(str(path), str(tmp_path))
+    (listing,) = [str(w.message) for w in record if "bad image file" in str(w.message)]
+    assert f"empty (0 bytes): {tmp_path / 'empty.png'}" in listing
+    assert f"does not decode (UnidentifiedImageError): {tmp_path / 'bad.png'}" in listing
+    assert listing.count("bad.png") == 1 and "a.png" not in listing
+    assert len(ds) == 4 and ds[0]["images"][0].size == (20, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # check_files=False: not listed (reads still skip)
+        LlavaConversations(str(path), str(tmp_path), check_files=False)

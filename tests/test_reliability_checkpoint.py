@@ -1,8 +1,9 @@
 """Checkpoint safety: every load is `weights_only` (a file pickling an arbitrary object is refused, naming the file
-and the object, and its payload never runs), a save is atomic (a kill mid-write keeps the previous file), and the
-system's RNG states, counters and guard counts survive the round trip."""
+and the object, and its payload never runs), a save is atomic (a kill mid-write, or a disk that fills up, keeps the
+previous file), and the system's RNG states, counters and guard counts survive the round trip."""
 from __future__ import annotations
 
+import errno
 import random
 import re
 import signal
@@ -17,7 +18,8 @@ import torch
 
 from emu_lightning.checkpoints.io import SafeCheckpointIO, atomic_torch_save, safe_load
 from emu_lightning.checkpoints.handoff import read_state_dict
-from emu_lightning.cli import cli_main
+from emu_lightning.checkpoints import io as checkpoint_io
+from emu_lightning.cli import cli_main, main
 from emu_lightning.systems.base import PartsSystem
 from emu_lightning.systems.policy import StagePolicy
 from tests.resume_helpers import ROOT, args, overlay
@@ -128,6 +130,31 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
 
 
 SOURCES = ["emu_lightning", "components", "callbacks", "benchmarks"]
+
+
+def test_a_full_disk_during_a_save_names_the_file_and_the_space_and_keeps_the_previous_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    """The step-4 save of a fit runs out of space part-way through writing: the run stops with one short block that
+    names the checkpoint, the space it needs and the space free; the step-2 `last.ckpt` is whole, no temp file left."""
+    real_save, saves = torch.save, []
+
+    def full_disk(obj, f):
+        saves.append(1)
+        if len(saves) == 1:
+            return real_save(obj, f)
+        f.write(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", full_disk)
+    assert main(args(overlay(tmp_path, max_steps=4, every=2))) == 1
+    last = tmp_path / "run" / "ckpt" / "last.ckpt"
+    block = capsys.readouterr().err.strip().splitlines()
+    assert len(block) <= 4, block
+    assert block[0].startswith("error: OSError: [Errno 28] no space left to save") and str(last) in block[0], block
+    assert re.search(r"needs about [\d.,]+ MiB .*, [\d.,]+ MiB is free in ", block[0]), block
+    assert "the previous last.ckpt is kept whole" in block[0], block
+    assert safe_load(last)["global_step"] == 2
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
 
 
 def test_every_torch_load_in_the_code_is_weights_only():

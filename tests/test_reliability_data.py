@@ -174,7 +174,7 @@ def test_video_faults_are_named(case, tmp_path):
 
 def test_corrupt_images_in_the_stage2_mixture_are_skipped_counted_and_logged(tmp_path, recwarn):
     """Documents and videos whose image files exist but do not decode: the mixture skips each one, counts it on
-    the step (the collator's `num_skipped`, logged as `train/skipped_total`) and warns naming the file."""
+    the step by kind (the collator's `skipped`, logged as `train/skipped/bad_image`) and warns naming the file."""
     warnings.simplefilter("always")     # recwarn's "default" shows a repeated message once: count every skip
     for name, blob in {"a.png": GOOD, "bad.png": TRUNCATED}.items():
         (tmp_path / name).write_bytes(blob)
@@ -191,7 +191,8 @@ def test_corrupt_images_in_the_stage2_mixture_are_skipped_counted_and_logged(tmp
     steps = [s for _, s in zip(range(3), stream)]     # range first: zip must not draw (and warn for) a 4th step
     got = [d["id"] for s in steps for d in s]
     assert "docs:2" not in got and "v2" not in got
-    skipped = sum(d["skipped"] for s in steps for d in s)
+    assert {k for s in steps for d in s for k in d["skipped"]} == {"bad_image"}
+    skipped = sum(n for s in steps for d in s for n in d["skipped"].values())
     skips = [str(w.message) for w in recwarn if "sample skipped and counted" in str(w.message)]
     # Seed 0's order reads the bad document and the bad video 3 times each in these 3 steps; every read is one count.
     assert skipped == len(skips) == 6, (skipped, skips)

@@ -140,7 +140,8 @@ def test_handoff_from_the_other_adapter_names_the_part(tmp_path):
 def test_handoff_with_an_unknown_prefix_lists_the_checkpoint_prefixes(tmp_path):
     torch.save(tiny_stage1("meanpool").state_dict(), tmp_path / "s1.pt")
     stage2 = tiny_stage2("meanpool", init_from=str(tmp_path / "s1.pt"), handoff={"llm": "decoder.lm"})
-    with pytest.raises(ValueError, match=r"no keys under 'decoder.lm'.*\['adapter', 'encoder', 'llm'\]"):
+    with pytest.raises(ValueError, match=r"s1\.pt is a plain state dict with parts \['adapter', 'encoder', 'llm'\]; "
+                                         r"this recipe \(Stage2System\) needs \['decoder.lm'\].*no keys under"):
         stage2.setup("fit")
 
 

@@ -13,7 +13,8 @@ The folder needs neither Lightning nor this platform's training code to use:
 
 `load_exported(folder)` rebuilds `EmuModel`, a plain `nn.Module` whose `forward` gives the logits and the
 regression head's outputs of the trained system exactly; `llm/` alone loads with
-`LlamaForCausalLM.from_pretrained`. (The visual decoder has its own export: `decoder_export.py`.)
+`LlamaForCausalLM.from_pretrained`. A part trained with `policy.lora` is written merged (peft's merge): the folder
+holds plain parts. (The visual decoder has its own export: `decoder_export.py`.)
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -32,6 +34,7 @@ from components.llm.llama import LlamaLM
 from components.multimodal import scatter_visual
 from emu_lightning.data.layout.tokenizer import load_tokenizer
 from emu_lightning.data.layout.tokens import SpecialIds
+from emu_lightning.systems.lora import lora_layers, merged_state_dict
 
 PARTS = ("encoder", "adapter", "regression_head")
 _WEIGHT_PATHS = ("checkpoint_path", "pretrained_path", "pretrained")   # replaced by the exported weights
@@ -60,12 +63,24 @@ def export_model(system: nn.Module, folder: str | Path, specs: dict[str, dict]) 
         spec = copy.deepcopy(specs[name])
         spec["init_args"] = {k: v for k, v in spec.get("init_args", {}).items() if k not in _WEIGHT_PATHS}
         config["parts"][name] = spec
-        state = {k: v.detach().cpu().contiguous() for k, v in getattr(system, name).state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in merged_state_dict(getattr(system, name)).items()}
         save_file(state, str(out / f"{name}.safetensors"))
-    system.llm.model.save_pretrained(str(out / "llm"), safe_serialization=True)
+    save_llm(system.llm, out / "llm")
     system.tokenizer.save_pretrained(str(out / "tokenizer"))
     (out / "emu_config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def save_llm(llm: LlamaLM, folder: Path) -> None:
+    """`llm`'s transformers model as a plain `LlamaForCausalLM` folder; `policy.lora` factors merged (peft's merge,
+    `merged_state_dict`), so `from_pretrained` needs no peft."""
+    if not lora_layers(llm.model):
+        llm.model.save_pretrained(str(folder), safe_serialization=True)
+        return
+    with torch.device("meta"):
+        plain = type(llm.model)(llm.model.config)                  # the same architecture, no LoRA layers
+    plain.load_state_dict(merged_state_dict(llm.model), strict=True, assign=True)
+    plain.save_pretrained(str(folder), safe_serialization=True)
 
 
 def _build(spec: dict) -> nn.Module:

@@ -2,7 +2,8 @@
 
 `SafeCheckpointIO` is the Trainer's checkpoint plugin (the CLI installs it unless a recipe names another):
 - save: the bytes go to `<name>.tmp-<pid>` in the checkpoint's own folder, are flushed and fsync'ed, then
-  `os.replace`d over the name (atomic on POSIX), so a kill at any moment leaves the previous checkpoint whole.
+  `os.replace`d over the name (atomic on POSIX), so a kill at any moment leaves the previous checkpoint whole; a
+  disk that fills up mid-save is an error naming the file, the space it needs and the space free.
   (Lightning's own `_atomic_save` stages through `tempfile.mkstemp()` in the system temp folder; when that is
   another file system the final move is a copy, which a kill can leave half-written.)
 - load: `torch.load(weights_only=True)` always: tensors and plain containers only. A file that pickles an
@@ -13,9 +14,11 @@ containers, so they ride in a `weights_only` checkpoint and a resumed run draws 
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +64,28 @@ def refusal(path: str | os.PathLike, err: BaseException) -> ValueError:
                       f"pass a Lightning .ckpt (e.g. <run>/checkpoints/last.ckpt) or a state dict saved by torch.save")
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint object: about what its file needs on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` to a temporary name in the same folder, fsync, then rename over `path`."""
+    """`torch.save` to a temporary name in the same folder, fsync, then rename over `path`.
+
+    Raises:
+        OSError: (errno ENOSPC) the disk filled up during the save: the message names the file, about how much it
+            needs and how much is free there; the temporary file is removed and a previous `path` is left whole.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -72,6 +95,17 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)            # free what the failed write took before measuring what is free
+        free = shutil.disk_usage(path.parent).free
+        kept = f"the previous {path.name} is kept whole" if path.exists() else "no earlier file is overwritten"
+        raise OSError(err.errno, f"no space left to save {path}: it needs about {_mb(_tensor_bytes(obj))} "
+                      f"({_mb(written)} written when the disk filled), {_mb(free)} is free in {path.parent}; "
+                      f"{kept}. Free space there, or point the checkpoints at a larger disk "
+                      f"(trainer.default_root_dir, or the logger's save_dir)") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -282,6 +282,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+_TEXT_FIELD = {"caption": ("caption", "captions"), "vqa": ("answer", "answers"), "chat": ("assistant", "replies")}
+
+
+def empty_note(command: str, rows: list[dict]) -> str | None:
+    """A note when some generated texts are empty, so an empty answer is not taken for a working one: the model
+    emitted `</s>` (or `[IMG]`) as its first token, which an untrained or briefly tuned model does (the prompt is
+    the training layout, two images included: tests/test_chat_template.py)."""
+    if command not in _TEXT_FIELD:
+        return None
+    field, noun = _TEXT_FIELD[command]                       # the row's generated text, and what it is called
+    empty = sum(not row[field].strip() for row in rows)
+    if not empty:
+        return None
+    return (f"note: {empty} of {len(rows)} {noun} are empty: the model ended them at once (its first token was "
+            f"</s> or [IMG], or it gave only special tokens), as an untrained or briefly tuned model does; check the "
+            f"run's train/loss, or tune longer")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -292,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "chat":
         for row in rows:
             print(json.dumps(row))
+    note = empty_note(args.command, rows)
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 

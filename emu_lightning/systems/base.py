@@ -85,7 +85,7 @@ class PartsSystem(L.LightningModule):
     def setup(self, stage: str) -> None:
         # The hand-off runs once, before Lightning restores a `ckpt_path` (which then wins, as on resume).
         if self.init_from and self.handoff_report is None:
-            self.handoff_report = load_parts(self.parts, self.init_from, self.handoff)
+            self.handoff_report = load_parts(self.parts, self.init_from, self.handoff, type(self).__name__)
             rank_zero_info(str(self.handoff_report))
 
     def configure_model(self) -> None:

@@ -256,6 +256,7 @@ class DecoderSystem(PartsSystem):
         return {"diffusion_loss": loss, "loss": loss, "cond_drop_frac": drop.float().mean()}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        self.count_skips(batch.get("skipped") or {}, len(batch["pixel_values"]))   # as stage 1: same data module
         losses = self.losses(batch)
         loss = self.checked_loss(losses)   # None: non-finite, the step is skipped and counted (PartsSystem)
         if loss is not None:

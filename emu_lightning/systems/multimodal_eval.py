@@ -8,6 +8,9 @@ Per named evaluation set, logged as `<set>/<metric>`:
   with the encoder's (`gen_cos`, `gen_mse`);
 - VQA sets: `vqa_acc_k{k}_{selection}` (official normalisation, leave-one-out soft accuracy);
 - video sets with questions: `videoqa_acc_k{k}_{selection}`;
+- fast-binding episode sets (layout `binding`, `emu_lightning/data/synthetic/episodes.py`): `binding_acc_k{k}` for
+  each k of the episodes' `shots`, the first k of the episode's own demonstrations (no pool: a word means something
+  only inside its episode), scored by `BindingAccuracy` on the first generated word;
 - with `eval_decoder` and `eval_judge` (the system's arguments), every text → image set also decodes the generated
   embeddings and scores the images with the frozen scene judge: `t2i_{color,shape,both,position,empty}`, and
   keeps `eval_images` rows (real | generated) for the image-grid callback.
@@ -18,7 +21,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from emu_lightning.data.layout.binding import binding_prompt
 from emu_lightning.data.layout.fewshot import few_shot_segments, first_answer, random_demos, rices_demos, task_of
+from emu_lightning.metrics.binding import BindingAccuracy
 from emu_lightning.metrics.cider import CIDErD
 from emu_lightning.metrics.embedding import EmbeddingSimilarity
 from emu_lightning.metrics.vqa import VQAAccuracy
@@ -88,9 +93,22 @@ class MultimodalEval:
                     else:
                         preds = self.generate_text(prompts, self.answer_max_new_tokens, self.num_beams)
                         metric.update([first_answer(p) for p in preds], [s["answers"] for s in samples])
+        if batch["layout"] == "binding":
+            self._binding_eval(samples, name)
         if batch["layout"] == "pair":  # text → image: regress the image from its caption, compare with the encoder
             self._gen_metric(name, [[("text", s["captions"][0])] for s in samples], batch["pixel_values"],
                              [s.get("scene") for s in samples])
+
+    def _binding_eval(self, samples: list[dict], name: str) -> None:
+        """`<name>/binding_acc_k{k}`: the answer generated after the first k demonstrations of each episode, for each
+        k of its `shots` (`BindingEpisodes`); episodes without `shots` (`SyntheticEpisodes`) are asked after all
+        their demonstrations: `<name>/binding_acc`."""
+        shots = samples[0]["episode"].get("shots")
+        for k in shots if shots is not None else [None]:
+            prompts = [binding_prompt(s, len(s["images"]) - 1 if k is None else k) for s in samples]
+            preds = self.generate_text(prompts, self.answer_max_new_tokens, self.num_beams)
+            key = f"{name}|binding_acc" + ("" if k is None else f"_k{k}")
+            self._eval_metric(key, BindingAccuracy).update(preds, [s["answer"] for s in samples])
 
     def _gen_metric(self, name: str, prompts: list, pixel_values: Tensor, scenes: list | None = None) -> None:
         """`<name>/gen_*`: the embeddings generated from `prompts` (the head's loop) against the regression targets

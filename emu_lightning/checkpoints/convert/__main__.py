@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> Path:
                        help="EVA attention heads (not in the weights; default: from --config, else 16)")
         p.add_argument("--llm-heads", type=int, default=None, help="LLaMA heads (default: from --config, else "
                                                                    f"{40 if release == 'emu1' else 52})")
+        p.add_argument("--shard-size", default=None, metavar="SIZE",
+                       help="write the converted weights as safetensors shards of at most SIZE (e.g. 5GB) with an "
+                            "index, which the hand-off memory-maps (full-size models; default: one weights.pt)")
         if release == "emu2":
             p.add_argument("--grid", type=int, default=None,
                            help="pooled tokens per side (default: √n_query from --config, else 8; Chat 16)")
@@ -48,10 +51,10 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.command == "emu1":
         out = convert_emu1(args.src, args.dst, args.tokenizer, args.vision_heads, args.llm_heads, args.t5_heads,
-                           args.config, args.lora_alpha)
+                           args.config, args.lora_alpha, args.shard_size)
     elif args.command == "emu2":
         out = convert_emu2(args.src, args.dst, args.tokenizer, args.vision_heads, args.llm_heads, args.grid,
-                           args.config)
+                           args.config, args.shard_size)
     elif args.command == "decoder":
         out = convert_decoder(args.release, args.src, args.dst)
     else:

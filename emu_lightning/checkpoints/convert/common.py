@@ -144,7 +144,10 @@ def read_released(src: str) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:   # memory-mapped: a tensor's bytes are read when first touched (a full-size release is not copied)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:   # a file in torch's legacy (pre-zip) format cannot be mapped
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
     for wrapper in ("module", "state_dict", "model"):
         if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
             obj = obj[wrapper]

@@ -122,7 +122,7 @@ def components(sizes: dict[str, tuple[int, str]], vocab: int, vision_heads: int,
 
 def convert_emu1(src: str, dst: str, tokenizer: str, vision_heads: int | None = None, llm_heads: int | None = None,
                  t5_heads: int | None = None, configs: list[str] | tuple[str, ...] = (),
-                 lora_alpha: float = 16.0) -> Path:
+                 lora_alpha: float = 16.0, shard_size: int | str | None = None) -> Path:
     """Convert a released Emu (v1) checkpoint into a folder our recipes load (see `folder.py`).
 
     Args:
@@ -134,6 +134,8 @@ def convert_emu1(src: str, dst: str, tokenizer: str, vision_heads: int | None = 
         llm_heads: LLaMA attention heads; None = from `configs`, else 40 (`Emu1/models/llama_config/config.json`).
         t5_heads: C-Former heads; None = from a T5 config in `configs`, else 12 (t5-base).
         configs: release config JSON files (see `config.py`) stating heads and sizes; each is checked.
+        shard_size: write our weights as safetensors shards of at most this size (e.g. "5GB"; `folder.py`)
+            instead of one `weights.pt`: the hand-off then memory-maps them (`checkpoints/shards.py`).
         lora_alpha: Emu-I's LoRA alpha (not in the weights; `Emu1/inference.py` L45: 16); the rank r is read from
             the factors, and the merged update is (alpha / r) · B A (`lora.py`).
     """
@@ -172,7 +174,7 @@ def convert_emu1(src: str, dst: str, tokenizer: str, vision_heads: int | None = 
             f"{f', LoRA merged with alpha {lora_alpha:g}' if lora else ''}) by python -m "
             f"emu_lightning.checkpoints.convert emu1; {extra} platform tokens appended after the released {rows} "
             f"(docs/converting.md).")
-    return write_folder(dst, conversion, tok, specs, meta, image_size, note)
+    return write_folder(dst, conversion, tok, specs, meta, image_size, note, shard_size)
 
 
 def export_emu1(folder: str, weights: str | None = None) -> dict[str, Tensor]:

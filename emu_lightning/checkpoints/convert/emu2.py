@@ -151,7 +151,8 @@ def build_parts(specs: dict[str, dict]) -> dict[str, torch.nn.Module]:
 
 
 def convert_emu2(src: str, dst: str, tokenizer: str, vision_heads: int | None = None, llm_heads: int | None = None,
-                 grid: int | None = None, configs: list[str] | tuple[str, ...] = ()) -> Path:
+                 grid: int | None = None, configs: list[str] | tuple[str, ...] = (),
+                 shard_size: int | str | None = None) -> Path:
     """Convert a released Emu2 / Emu2-Chat / Emu2-Gen checkpoint into a folder our recipes load (see `folder.py`).
 
     Args:
@@ -163,6 +164,8 @@ def convert_emu2(src: str, dst: str, tokenizer: str, vision_heads: int | None = 
         llm_heads: LLaMA attention heads; None = from `configs`, else 52 (`Emu2/emu/conf/llama_config/config.json`).
         grid: pooled tokens per side; None = √n_query from `configs`, else 8 (n_query 64), or 16 (256) for Chat.
         configs: release config JSON files (see `config.py`) stating heads and sizes; each is checked.
+        shard_size: write our weights as safetensors shards of at most this size (e.g. "5GB"; `folder.py`)
+            instead of one `weights.pt`: the hand-off then memory-maps them (`checkpoints/shards.py`).
     """
     state = read_released(src)
     layout, prefix, projections = detect_layout(state, src)
@@ -195,7 +198,7 @@ def convert_emu2(src: str, dst: str, tokenizer: str, vision_heads: int | None = 
     note = (f"Converted from {src} (Emu2 {variant}, {layout} layout{', prefix ' + prefix if prefix else ''}) by "
             f"python -m emu_lightning.checkpoints.convert emu2; {extra} platform tokens appended after the released "
             f"{rows} (docs/converting.md).")
-    return write_folder(dst, conversion, tok, specs, meta, image_size, note)
+    return write_folder(dst, conversion, tok, specs, meta, image_size, note, shard_size)
 
 
 def export_emu2(folder: str, weights: str | None = None) -> dict[str, Tensor]:

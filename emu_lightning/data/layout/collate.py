@@ -63,14 +63,16 @@ class CaptionCollator:
             "captions": [s["captions"] for s in samples],              # references for CIDEr
             "ids": [s["id"] for s in samples],
             "num_truncated": torch.tensor(truncated),
-            "skipped": _sum_counts(s.get("skipped") or {} for s in samples),   # {kind: n} read past for this batch
+            "skipped": sum_counts(s.get("skipped") or {} for s in samples),   # {kind: n} read past for this batch
         }
         if all("scene" in s for s in samples):
             batch["scenes"] = [s["scene"] for s in samples]
         return batch
 
 
-def _sum_counts(counts) -> dict[str, int]:
+def sum_counts(counts) -> dict[str, int]:
+    """Per-kind skip counts (`{kind: n}`, one per sample or document) summed into the batch's `skipped`, the one
+    dict every stage hands to `PartsSystem.count_skips`."""
     total: dict[str, int] = {}
     for c in counts:
         for k, v in c.items():

@@ -27,7 +27,7 @@ def task_of(layout: str, sample: dict) -> str | None:
     """The few-shot task of an evaluation set, from its layout; None = losses only (e.g. documents)."""
     if layout == "pair":
         return "caption"
-    if layout == "vqa":
+    if layout in ("vqa", "vqa_zero_shot"):   # vqa_zero_shot: trained on the zero-shot prompt (sequence.py)
         return "vqa"
     if layout == "video" and "question" in sample:
         return "videoqa"

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from emu_lightning.data.layout.collate import IGNORE
+from emu_lightning.data.layout.collate import IGNORE, sum_counts
 from emu_lightning.data.layout.sequence import SequenceCollator, pad
 
 
@@ -74,6 +74,6 @@ class PackingCollator:
             "source_names": sources,
             "ids": [r["docs"] for r in rows],                                          # document ids per row
             "num_truncated": torch.tensor(truncated),
-            "num_skipped": torch.tensor(sum(d.get("skipped", 0) for d in docs)),
+            "skipped": sum_counts(d.get("skipped") or {} for d in docs),                # {kind: n} read past
             "num_documents": torch.tensor(len(docs)),
         }

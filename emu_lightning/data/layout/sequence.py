@@ -24,11 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from emu_lightning.data.layout.binding import binding_segments
 from emu_lightning.data.layout.chat import check_answer_mask, conversation_turns
-from emu_lightning.data.layout.collate import IGNORE, image_block
+from emu_lightning.data.layout.collate import IGNORE, image_block, sum_counts
+from emu_lightning.data.layout.spelling import respell
 from emu_lightning.data.layout.tokens import IMAGE, SpecialIds
 
-LAYOUTS = ("pair", "interleaved", "video", "storyboard", "vqa", "text", "chat", "gen")
+LAYOUTS = ("pair", "interleaved", "video", "storyboard", "vqa", "text", "chat", "gen", "binding", "vqa_zero_shot")
 
 
 class Segments(list):
@@ -96,6 +98,8 @@ class Layout:
             return "gen"
         if "frames" in sample:
             return "video"
+        if "episode" in sample:
+            return "binding"
         if "images" in sample:
             return "interleaved"
         if "question" in sample and "image" in sample:
@@ -160,6 +164,15 @@ class Layout:
         answer = self._pick(s["answers"], "answers", s)
         return [("image", s["image"]), ("text", vqa_text(s["question"], answer))]
 
+    def _vqa_zero_shot(self, s: dict) -> list:
+        # The few-shot harness's zero-shot prompt (`fewshot.few_shot_segments`) + the answer: zero-shot evaluation
+        # reads exactly what training wrote.
+        answer = self._pick(s["answers"], "answers", s)
+        return [("image", s["image"]), ("text", f"{vqa_text(s['question'], zero_shot=True)} {answer}")]
+
+    def _binding(self, s: dict) -> list:
+        return binding_segments(s)   # fast-binding episodes: each image always before its sentence (binding.py)
+
     def _text(self, s: dict) -> list:
         return [("text", s["text"])]
 
@@ -207,12 +220,16 @@ class SequenceCollator:
         num_image_tokens: N `<image>` tokens per image or frame.
         max_length: longest sequence; longer documents are cut at a span boundary and counted.
         video_token: start each video with `[VIDEO]` (Emu2) or not (Emu1).
+        spelling: how grounding tokens are written: "platform" (`<p>`, `<coor>`, `<loc…>`) or "emu2" (the release's
+            own rows: `<phrase>`, `<object>`, `<patch_index_…>`; `spelling.py`).
     """
 
-    def __init__(self, tokenizer: Any, num_image_tokens: int, max_length: int = 256, video_token: bool = True):
+    def __init__(self, tokenizer: Any, num_image_tokens: int, max_length: int = 256, video_token: bool = True,
+                 spelling: str = "platform"):
         self.tok, self.ids = tokenizer, SpecialIds.from_tokenizer(tokenizer)
         self.block = image_block(self.ids, num_image_tokens)
-        self.max_length, self.video_token = max_length, video_token
+        self.max_length, self.video_token, self.spelling = max_length, video_token, spelling
+        respell("", spelling)                                               # an unknown spelling fails here
 
     def encode(self, segments: list[tuple[str, Any]], close: bool = True, limit: int | None = None
                ) -> tuple[list[int], list[int], list[Tensor], bool]:
@@ -227,7 +244,7 @@ class SequenceCollator:
                 if kind == "run":
                     toks, targets = self._encode_run(value)
                 else:
-                    toks = targets = self.tok(value, add_special_tokens=False)["input_ids"]
+                    toks = targets = self.tok(respell(value, self.spelling), add_special_tokens=False)["input_ids"]
                 room = limit - len(ids) - int(close)
                 ids += toks[:room]
                 labels += targets[:room]
@@ -252,6 +269,7 @@ class SequenceCollator:
         rejects it unless the prompt side is whitespace)."""
         text, spans = "", []
         for kind, piece in pieces:
+            piece = respell(piece, self.spelling)
             if kind == "answer":
                 spans.append((len(text), len(text) + len(piece)))
             text += piece
@@ -261,12 +279,14 @@ class SequenceCollator:
         return enc["input_ids"], labels
 
     def __call__(self, docs: list[dict]) -> dict[str, Any]:
-        """`docs`: `{"id", "source", "segments", "regress": "all" | "last" | "none" (default "all")}` each."""
+        """`docs`: `{"id", "source", "segments", "regress": "all" | "last" | "none" (default "all")}` each, plus the
+        samples read past before it (`"skipped": {kind: n}`, summed into the batch's `skipped`)."""
         seqs, labels, images, regress, truncated = [], [], [], [], 0
         for d in docs:
             x, y, ims, cut = self.encode(d["segments"])
             if d.get("targets") is not None:   # chat: the mask must be exactly the answers (chat.py)
-                check_answer_mask(self.tok, x, y, d["targets"], cut, d.get("id"))
+                answers = [respell(t, self.spelling) for t in d["targets"]]
+                check_answer_mask(self.tok, x, y, answers, cut, d.get("id"))
             seqs.append(x)
             labels.append(y)
             images += ims
@@ -288,7 +308,7 @@ class SequenceCollator:
             "source_names": sources,
             "ids": [d["id"] for d in docs],
             "num_truncated": torch.tensor(truncated),
-            "num_skipped": torch.tensor(sum(d.get("skipped", 0) for d in docs)),
+            "skipped": sum_counts(d.get("skipped") or {} for d in docs),                # {kind: n} read past
         }
 
 

@@ -151,20 +151,28 @@ class SourceMixture(IterableDataset):
             yield step
 
     def _document(self, name: str, stream: Iterator[dict]) -> dict:
-        """The next sample of `stream` that its layout accepts, laid out; skips are counted on the document."""
-        skipped = 0
+        """The next sample of `stream` that its layout accepts, laid out. The samples read past are counted on the
+        document by kind (`{kind: n}`, e.g. `bad_image`), with those a stream source counted itself and hands on
+        with its next sample (`sample["skipped"]`, e.g. `WebDatasetPairs`): the collator sums them into the
+        batch's `skipped`, which the system logs as `train/skipped/<kind>` and bounds by `max_bad_fraction`."""
+        skipped: dict[str, int] = {}
+        misses = 0                                                     # samples this loop read past in a row
         while True:
             sample = next(stream)
             try:
                 if isinstance(sample, SkipSample):
                     raise sample
+                for kind, n in (sample.get("skipped") or {}).items():   # skipped inside a stream source
+                    skipped[kind] = skipped.get(kind, 0) + int(n)
                 segments = self.layouts[name](sample)
                 break
             except SkipSample as err:
-                skipped += 1
+                skipped[err.kind] = skipped.get(err.kind, 0) + 1
+                misses += 1
                 warnings.warn(f"source {name!r}: sample skipped and counted: {err}")
-                if skipped >= self.max_skips:
-                    raise RuntimeError(f"source {name!r}: {skipped} samples skipped in one step; last: {err}") from None
+                if misses >= self.max_skips:
+                    raise RuntimeError(f"source {name!r}: {misses} samples skipped in a row ({skipped}); "
+                                       f"last: {err}") from None
         return {"id": sample.get("id"), "source": name, "skipped": skipped,
                 "segments": [(k, self._prep(v)) for k, v in segments],
                 "regress": getattr(segments, "regress", "all"), "targets": getattr(segments, "targets", None)}

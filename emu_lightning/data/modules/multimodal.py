@@ -72,10 +72,15 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
         num_frames: frames per video (uniformly subsampled).
         skip_short_videos: skip and count videos with fewer frames than `num_frames` (False: raise).
         video_token: open each video with `[VIDEO]` (Emu2) or not (Emu1).
+        spelling: grounding tokens as the platform writes them ("platform") or as the Emu2 release does ("emu2": its
+            own `<phrase>` / `<object>` / `<patch_index_…>` rows, for a converted Emu2; `layout/spelling.py`).
         text_first_p: probability a pair is laid out caption → image.
         image_first_p: probability an interleaved image precedes its sentence.
         demo_pool_size: demonstrations pool size of the default synthetic pools.
         seed: seed of the per-pass source permutations.
+        max_bad_fraction: the share of training reads that may be skipped (undecodable images, short videos with
+            `skip_short_videos`, a stream source's own skips...; counted as `train/skipped/<kind>`) before the run
+            stops, as in stage 1 (`CaptionDataModule`).
         template: chat template of `chat` sources (a preset name or `ChatTemplate` fields); the CLI copies the
             model's `template` here, so a recipe names it once.
         tokenizer: linked from `model.tokenizer` by the CLI.
@@ -89,7 +94,8 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
                  max_length: int = 256, num_frames: int = 8, skip_short_videos: bool = False,
                  video_token: bool = True, text_first_p: float = 0.5, image_first_p: float = 0.5,
                  demo_pool_size: int = 256, seed: int = 0, template: str | dict | None = None,
-                 tokenizer: Any = None, num_image_tokens: int = 16):
+                 tokenizer: Any = None, num_image_tokens: int = 16, max_bad_fraction: float = 0.01,
+                 spelling: str = "platform"):
         super().__init__()
         syn = lambda kind, split, n: _synthetic(kind, split, n, image_size)  # noqa: E731
         self.train_sets = train if train is not None else {
@@ -125,7 +131,11 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.max_length, self.num_frames, self.skip_short_videos = max_length, num_frames, skip_short_videos
         self.video_token, self.text_first_p, self.image_first_p = video_token, text_first_p, image_first_p
+        self.spelling = spelling
         self.seed, self.tokenizer, self.num_image_tokens = seed, tokenizer, num_image_tokens
+        if not 0.0 <= max_bad_fraction < 1.0:
+            raise ValueError(f"max_bad_fraction={max_bad_fraction}; expected in [0, 1)")
+        self.max_bad_fraction = max_bad_fraction
         self.template = chat_template(template)
         self._pools: dict[str, list[dict]] = {}
 
@@ -145,7 +155,8 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
         if self.tokenizer is None:
             raise ValueError("MultimodalDataModule.tokenizer is None: the CLI links it from the model; "
                              "set it when using the datamodule directly")
-        return SequenceCollator(self.tokenizer, self.num_image_tokens, self.max_length, self.video_token)
+        return SequenceCollator(self.tokenizer, self.num_image_tokens, self.max_length, self.video_token,
+                                self.spelling)
 
     def prepare_sample(self, s: dict) -> dict:
         """Transform every image of a raw sample ("image", "images", "frames", a chat "video", gen "references")

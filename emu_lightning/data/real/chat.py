@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from emu_lightning.data.real.captions import _load_rgb
+from emu_lightning.data.real.images import check_image_files
 from emu_lightning.data.layout.tokens import IMAGE
 
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
@@ -29,14 +30,18 @@ class LlavaConversations(Dataset):
     """LLaVA-format records ``{"id", "image"?: "rel.jpg" | ["a.jpg", ...], "conversations": [{"from",
     "value"}...]}``: turns alternate human, gpt, ... starting with human and ending with gpt; the
     ``<image>`` placeholders of the human turns match the images one to one, in order (none may
-    sit in a gpt turn). Every image file is checked to exist at construction.
+    sit in a gpt turn). Every image file is checked to exist at construction, and, as for the other
+    real loaders, empty or header-undecodable ones are listed in one warning before training.
     """
 
-    def __init__(self, json_path: str, image_root: str, image_size: int | None = None) -> None:
+    def __init__(self, json_path: str, image_root: str, image_size: int | None = None,
+                 check_files: bool = True) -> None:
         """Args:
         json_path: the conversation JSON (a list of records).
         image_root: folder the records' image paths are relative to.
         image_size: resize every image to this square side (bicubic); None keeps its size.
+        check_files: stat every image at construction and read a sample's headers (`check_image_files`); a
+            missing image is an error either way.
         """
         self.json_path, self.image_root = Path(json_path), Path(image_root)
         if image_size is not None and image_size < 1:
@@ -54,9 +59,9 @@ class LlavaConversations(Dataset):
         if not isinstance(records, list):
             raise ValueError(f"{self.json_path}: top level is a {type(records).__name__}; expected a list of records")
         self.items = [self._validate(i, r) for i, r in enumerate(records)]
-        for item_id, images, _ in self.items:
-            for name in images:
-                self._path(name, item_id)
+        paths = [self._path(name, item_id) for item_id, images, _ in self.items for name in images]
+        if check_files:   # empty or undecodable files listed up front (each file once, however many records use it)
+            check_image_files(list(dict.fromkeys(paths)), str(self.json_path))
 
     def _validate(self, index: int, record: object) -> tuple[str, list[str], list[dict]]:
         """``(id, image names, normalized turns)`` of one record, or ValueError naming what is wrong."""
