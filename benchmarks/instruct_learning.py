@@ -84,8 +84,9 @@ def chat(a: argparse.Namespace) -> dict:
             preds = []
             for i in range(0, a.n, 32):
                 preds += system.generate_text(prompts[i:i + 32], 6, 1)
-            per_task = defaultdict(lambda: VQAAccuracy())
-            overall = VQAAccuracy()
+            # Lenient rules, as the chat system's own answer_acc: the chat's answers are written freely.
+            per_task = defaultdict(lambda: VQAAccuracy(rules="lenient"))
+            overall = VQAAccuracy(rules="lenient")
             for s, p in zip(samples, preds):
                 overall.update([first_answer(p)], [s["answers"]])
                 per_task[s["task"]].update([first_answer(p)], [s["answers"]])

@@ -120,3 +120,59 @@ def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
     return path
+
+
+# Tiny run directories (config.yaml + checkpoints/last.ckpt, as a LightningCLI fit leaves them) without fitting:
+# the systems are built from these configs by the CLI's own parser and saved with their random weights.
+_ENCODER = {"class_path": "components.encoders.eva.EVAEncoder",
+            "init_args": {"img_size": IMAGE_SIZE, "patch_size": 8, "depth": 1, "embed_dim": 64, "num_heads": 2,
+                          "drop_cls": True}}
+_ADAPTER = {"class_path": "components.adapters.meanpool.MeanPoolProjector",
+            "init_args": {"in_dim": 64, "out_dim": 64, "grid": 2}}
+_LLM = {"class_path": "components.llm.llama.LlamaLM",
+        "init_args": {"hidden_size": 64, "num_layers": 1, "num_heads": 2, "intermediate_size": 128, "vocab_size": 128}}
+_HEAD = {"class_path": "components.llm.regression_head.RegressionHead", "init_args": {"in_dim": 64, "out_dim": 64}}
+_UNET = {"class_path": "components.decoder.unet.VisualDecoderUNet",
+         "init_args": {"cond_dim": 64, "num_tokens": 4, "unet": {
+             "sample_size": 16, "in_channels": 3, "out_channels": 3, "block_out_channels": [16, 32],
+             "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 8,
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]}}}
+TINY_RUNS = {
+    "stage1": {"class_path": "emu_lightning.systems.stage1.Stage1System",
+               "init_args": {"encoder": _ENCODER, "adapter": _ADAPTER, "llm": _LLM, "num_beams": 1,
+                             "policy": {"trainable": ["adapter", "llm"], "lr": {"adapter": 1e-3, "llm": 1e-3}}}},
+    "stage2": {"class_path": "emu_lightning.systems.stage2.Stage2System",
+               "init_args": {"encoder": _ENCODER, "adapter": _ADAPTER, "llm": _LLM, "regression_head": _HEAD,
+                             "target_space": "pooled", "shots": [0],
+                             "policy": {"trainable": ["adapter", "llm"], "lr": {"adapter": 1e-3, "llm": 1e-3}}}},
+    "chat": {"class_path": "emu_lightning.systems.instruct.ChatSystem",
+             "init_args": {"encoder": _ENCODER, "adapter": _ADAPTER, "llm": _LLM, "regression_head": _HEAD,
+                           "target_space": "pooled", "template": "emu1",
+                           "policy": {"trainable": ["llm"], "lr": {"llm": 1e-3}}}},
+    "decoder": {"class_path": "emu_lightning.systems.decoder.DecoderSystem",
+                "init_args": {"encoder": _ENCODER, "adapter": _ADAPTER, "unet": _UNET, "condition": "pooled",
+                              "image_size": 16, "sample_steps": 2, "guidance_scale": 2.0, "fid_feature": None,
+                              "policy": {"trainable": ["unet"], "lr": {"unet": 1e-3}}}},
+}
+
+
+def tiny_run(folder: Path, kind: str, seed: int = 0) -> Path:
+    """`folder` as the run directory of an untrained `TINY_RUNS[kind]` system (random weights from `seed`)."""
+    import sys
+    from unittest import mock
+
+    import yaml
+
+    from emu_lightning.cli import cli_main
+
+    model = TINY_RUNS[kind]
+    trainer = {"accelerator": "cpu", "devices": 1, "logger": False, "callbacks": [], "enable_checkpointing": False,
+               "enable_progress_bar": False, "enable_model_summary": False}
+    torch.manual_seed(seed)
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        system = cli_main({"model": model, "trainer": trainer, "seed_everything": False}, run=False).model
+    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model": model}))
+    torch.save({"state_dict": system.state_dict()}, folder / "checkpoints" / "last.ckpt")
+    return folder

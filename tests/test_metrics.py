@@ -1,4 +1,4 @@
-"""CIDEr-D parity with pycocoevalcap, accumulation and distributed sync; VQA accuracy on known cases."""
+"""CIDEr-D parity with pycocoevalcap, accumulation and distributed sync (VQA accuracy: test_vqa_accuracy.py)."""
 
 import random
 from datetime import timedelta
@@ -10,7 +10,6 @@ import torch.multiprocessing as mp
 from torch.testing import assert_close
 
 from emu_lightning.metrics.cider import CIDErD, tokenize
-from emu_lightning.metrics.vqa import VQAAccuracy, normalize_answer, vqa_accuracy
 
 Cider = pytest.importorskip("pycocoevalcap.cider.cider", reason="pycocoevalcap is a [dev] extra").Cider
 
@@ -161,110 +160,3 @@ def test_cider_syncs_across_ranks_when_one_rank_is_empty(tmp_path):
     for rank in (0, 1):  # both ranks see the whole corpus
         assert_close(results[rank][0], score, rtol=1e-6, atol=0)
         assert_close(results[rank][1], scores, rtol=1e-6, atol=1e-12)
-
-
-TEN_DOGS = ["dog"] * 10
-
-# Leave-one-out by hand, 10 annotators of whom k match: holding out a non-match leaves k matches
-# among 9 (10 - k such subsets), holding out a match leaves k - 1 (k subsets); each scores min(m/3, 1).
-#   k=0: 0
-#   k=1: (9 * 1/3 + 1 * 0) / 10 = 3/10 = 0.3
-#   k=2: (8 * 2/3 + 2 * 1/3) / 10 = (16/3 + 2/3) / 10 = 6/10 = 0.6
-#   k=3: (7 * 1 + 3 * 2/3) / 10 = (7 + 2) / 10 = 0.9
-#   k=4: (6 * 1 + 4 * 1) / 10 = 1.0  (the 4 held-out matches still leave 3 = a full score)
-
-
-@pytest.mark.parametrize(
-    ("pred", "answers", "expected"),
-    [
-        ("dog", TEN_DOGS, 1.0),
-        ("cat", TEN_DOGS, 0.0),
-        ("cat", ["cat"] + ["dog"] * 9, 0.3),
-        ("cat", ["cat"] * 2 + ["dog"] * 8, 0.6),
-        ("cat", ["cat"] * 3 + ["dog"] * 7, 0.9),
-        ("cat", ["cat"] * 4 + ["dog"] * 6, 1.0),
-        ("Two", ["2"] * 10, 1.0),  # number words -> digits, even when the annotators agree
-        ("a dog", TEN_DOGS, 1.0),  # articles dropped
-        ("The Dog.", ["dog"] + ["cat"] * 9, 0.3),
-        ("dont know", ["don't know"] * 3 + ["no"] * 7, 0.9),  # contraction restored
-    ],
-)
-def test_vqa_accuracy_known_cases(pred, answers, expected):
-    assert vqa_accuracy(pred, answers) == pytest.approx(expected)
-
-
-def test_vqa_normalisation():
-    assert normalize_answer("Two dogs.") == "2 dogs"
-    assert normalize_answer("an apple") == "apple"
-    assert normalize_answer("3.5") == "3.5"  # a decimal point survives
-    assert normalize_answer("1,000") == "1000"  # digit commas are deleted, not split
-    assert normalize_answer("black-and-white") == "black and white"  # a glued hyphen splits words
-    assert normalize_answer("yes !") == "yes"  # a spaced mark is deleted
-    assert normalize_answer("couldnt've") == "couldn't've"
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"),
-    [
-        # Punctuation: a mark touching a space anywhere is deleted everywhere in the answer ...
-        ("black-and-white - dog", "blackandwhite dog"),
-        ("what ?!", "what"),  # "?" is spaced (deleted), "!" is glued (a space), then stripped
-        # ... otherwise it becomes a space ...
-        ("red,blue", "red blue"),
-        ("(3)", "3"),
-        # ... and any "1,000"-style number deletes every listed mark, not only the comma.
-        ("1,000-ish", "1000ish"),
-        ("1,000 dogs, maybe", "1000 dogs maybe"),
-        # Periods go, unless a digit follows.
-        ("yes.", "yes"),
-        ("u.s.a.", "usa"),
-        ("3.5.", "3.5"),
-        (".5", ".5"),
-        # Number words zero..ten (and "none") become digits, others stay words.
-        ("none", "0"),
-        ("ten", "10"),
-        ("eleven", "eleven"),
-        ("two. five", "2 5"),
-        # Articles dropped wherever they stand.
-        ("the dog", "dog"),
-        ("a dog on the mat", "dog on mat"),
-        # Contractions missing their apostrophe are restored; real words are not touched.
-        ("dont", "don't"),
-        ("isnt", "isn't"),
-        ("its", "its"),
-        ("it's", "it's"),
-        # Case.
-        ("YES", "yes"),
-        ("Dont Know", "don't know"),
-        # Whitespace: newlines and tabs are spaces, runs collapse, ends are stripped.
-        ("  two\n dogs\t", "2 dogs"),
-        ("red \n\n blue", "red blue"),
-    ],
-)
-def test_vqa_normalisation_rules(raw, expected):
-    assert normalize_answer(raw) == expected
-
-
-@pytest.mark.parametrize(("k", "expected"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
-def test_vqa_leave_one_out_scores_exactly(k, expected):
-    """The values worked out above TEN_DOGS, for every position of the matches among the annotators."""
-    for start in (0, 3, 10 - k):
-        answers = ["dog"] * 10
-        answers[start : start + k] = ["cat"] * k
-        assert vqa_accuracy("cat", answers) == pytest.approx(expected, abs=1e-12)
-    # Matches are counted after normalising the annotators too: "Two" and "2." both match "2".
-    assert vqa_accuracy("2", ["Two", "2."][: min(k, 2)] + ["2"] * max(k - 2, 0) + ["3"] * (10 - k)) == (
-        pytest.approx(expected, abs=1e-12)
-    )
-
-
-def test_vqa_metric_accumulates_and_resets():
-    metric = VQAAccuracy()
-    metric.update(["dog", "cat"], [TEN_DOGS, ["cat"] + ["dog"] * 9])  # 1.0, 0.3
-    metric.update(["two"], [["2", "2"] + ["3"] * 8])  # 0.6
-    assert_close(metric.compute(), torch.tensor((1.0 + 0.3 + 0.6) / 3, dtype=torch.float64))
-    metric.reset()
-    metric.update(["cat"], [TEN_DOGS])
-    assert metric.compute().item() == 0.0
-    with pytest.raises(ValueError, match="sample 0: no human answers"):
-        metric.update(["cat"], [[]])

@@ -33,13 +33,12 @@ import torch  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from emu_lightning.data.layout.chat import PRESETS  # noqa: E402
+from emu_lightning.data.layout.fewshot import CAPTION_INSTRUCTION  # noqa: E402  (Emu-I's, docs/design.md §5)
 from emu_lightning.data.modules.captions import image_transform  # noqa: E402
 from emu_lightning.data.real.images import open_rgb  # noqa: E402
 from emu_lightning.data.layout.sequence import fill_placeholders, vqa_text  # noqa: E402
 from emu_lightning.data.layout.tokens import IMAGE  # noqa: E402
 
-# Emu-I's captioning instruction (docs/design.md §5).
-CAPTION_INSTRUCTION = "please provide an accurate and concise description of the given image."
 COMMANDS = ("caption", "vqa", "chat", "generate", "blend")
 
 

@@ -3,6 +3,7 @@
 - `reconstruct`: image → frozen encoder → decoder condition → image (Emu2 autoencoding);
 - `text_to_image`: the stage-2 model regresses the N embeddings after `[IMG]` (KV-cached loop, docs/design.md §5),
   the decoder samples with classifier-free guidance against the embeddings of the empty prompt `""`;
+  `text_to_images` draws several images of one prompt, one seed each (the benchmarks' 4 images per prompt);
 - `in_context`: the same from an interleaved prompt of images and text (docs/design.md §5: CFG 10);
 - `blend`: linear interpolation between two images' decoder conditions, each decoded from the same noise.
 
@@ -132,6 +133,13 @@ class EmuImagePipeline:
         """Text prompts → (B,3,S,S) images in [0,1]."""
         cond, uncond = self.prompt_conditions([[p] for p in prompts], null)
         return self._decode(cond, uncond, guidance, steps, sampler, seed)
+
+    def text_to_images(self, prompt: str, seeds: Sequence[int], guidance: float | None = None,
+                       steps: int | None = None, sampler: str | None = None, null: str = "empty_prompt") -> Tensor:
+        """One prompt → (len(seeds),3,S,S) images in [0,1], image j equal to `text_to_image([prompt], seed=seeds[j])`
+        (a benchmark's k images per prompt, each reproducible alone); the prompt is regressed once."""
+        cond, uncond = self.prompt_conditions([[prompt]], null)
+        return torch.cat([self._decode(cond, uncond, guidance, steps, sampler, int(s)) for s in seeds])
 
     def in_context(self, docs: list[list[str | ImageLike]], guidance: float | None = IN_CONTEXT_GUIDANCE,
                    steps: int | None = None, sampler: str | None = None, seed: int = 0,

@@ -6,13 +6,15 @@ with the same forward pass; what differs is the data and which loss counts:
 - chat: conversations in the chat template (`data/layout/chat.py`, the one place the format lives), cross-entropy
   on the answers and their `</s>` only, no image loss (docs/design.md §2: Emu2-Chat uses the text loss only).
   Evaluation asks each held-out conversation's last question with the template's generation prompt and scores the
-  answer with VQA accuracy (`<set>/answer_acc`);
+  answer with VQA accuracy under its lenient rules (`<set>/answer_acc`, `metrics/vqa.py`);
 - gen: instruction → image, with grounding tokens (`<p>phrase</p><coor><loc…>×4</coor>`) and reference images,
   ℓ2 regression of the last image only, no text loss (docs/design.md §2). Evaluation regresses the image from
-  the instruction alone (KV-cached loop) and compares it with the encoder's embeddings (`<set>/gen_cos`, `gen_mse`).
+  the instruction alone (KV-cached loop) and compares it with the encoder's embeddings (`<set>/gen_cos`, `gen_mse`);
+  with a decoder and judge named, judged images (`<set>/t2i_*`) and, for in-context edit items, `<set>/edit_*`.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,6 +24,7 @@ from emu_lightning.data.layout.fewshot import first_answer
 from emu_lightning.metrics.vqa import VQAAccuracy
 from emu_lightning.systems.stage2 import Stage2System
 
+_LenientVQA = partial(VQAAccuracy, rules="lenient")
 _FROM_STAGE2 = {"encoder": "encoder", "adapter": "adapter", "llm": "llm", "regression_head": "regression_head"}
 
 
@@ -67,7 +70,9 @@ class ChatSystem(Stage2System):
         samples = batch["samples"]
         self._eval_losses(batch, name)
         preds = self.answer(samples)
-        self._eval_metric(f"{name}|answer_acc", VQAAccuracy).update(
+        # Lenient rules: the chat's answers are written freely ("the first", whole captions), and the official
+        # rules never normalise unanimous human answers (emu_lightning/metrics/vqa.py).
+        self._eval_metric(f"{name}|answer_acc", _LenientVQA).update(
             [first_answer(p) for p in preds], [s["answers"] for s in samples])
         kept = self.eval_samples.setdefault(name, [])
         for s, p in zip(samples, preds):
@@ -121,6 +126,9 @@ class GenSystem(Stage2System):
         samples = batch["samples"]
         self._eval_losses(batch, name)
         layout = self.trainer.datamodule.layout("gen", train=False)
-        # With eval_decoder + eval_judge this also judges the images, reference-image (in-context) items included.
+        # With eval_decoder + eval_judge this also judges the images, reference-image (in-context) items included;
+        # edit items are judged as edits of their source scene too (`<set>/edit_*`).
+        sources = [s.get("source_scene") if s.get("kind") == "edit" else None for s in samples]
+        source_pixels = torch.stack([s["references"][0] for s in samples]) if all(sources) else None
         self._gen_metric(name, [gen_prompt(layout(s)) for s in samples], torch.stack([s["image"] for s in samples]),
-                         [s.get("scene") for s in samples])
+                         [s.get("scene") for s in samples], sources, source_pixels)

@@ -6,14 +6,16 @@ Per named evaluation set, logged as `<set>/<metric>`:
 - captioning sets: few-shot CIDEr-D `cider_k{k}_{selection}` (k = 0 logs `cider_k0`), and regression quality
   of free generation — the caption prompts `[IMG]`, N embeddings are generated with the KV cache and compared
   with the encoder's (`gen_cos`, `gen_mse`);
-- VQA sets: `vqa_acc_k{k}_{selection}` (official normalisation, leave-one-out soft accuracy);
+- VQA sets: `vqa_acc_k{k}_{selection}` (the official VQA rules, leave-one-out soft accuracy: `metrics/vqa.py`);
 - video sets with questions: `videoqa_acc_k{k}_{selection}`;
 - fast-binding episode sets (layout `binding`, `emu_lightning/data/synthetic/episodes.py`): `binding_acc_k{k}` for
   each k of the episodes' `shots`, the first k of the episode's own demonstrations (no pool: a word means something
   only inside its episode), scored by `BindingAccuracy` on the first generated word;
 - with `eval_decoder` and `eval_judge` (the system's arguments), every text → image set also decodes the generated
   embeddings and scores the images with the frozen scene judge: `t2i_{color,shape,both,position,empty}`, and
-  keeps `eval_images` rows (real | generated) for the image-grid callback.
+  keeps `eval_images` rows (real | generated) for the image-grid callback; in-context edit items (a source scene
+  edited by the instruction, `data/synthetic/edits.py`) are also scored as edits from those same images:
+  `edit_{color,shape,both,position,removed,kept}` (`metrics/edit.py`), with a source row above the grid.
 Demonstrations come from the datamodule's `demo_pool(<set>)`: seeded random, or RICES by frozen-encoder cosine.
 """
 from __future__ import annotations
@@ -110,9 +112,12 @@ class MultimodalEval:
             key = f"{name}|binding_acc" + ("" if k is None else f"_k{k}")
             self._eval_metric(key, BindingAccuracy).update(preds, [s["answer"] for s in samples])
 
-    def _gen_metric(self, name: str, prompts: list, pixel_values: Tensor, scenes: list | None = None) -> None:
+    def _gen_metric(self, name: str, prompts: list, pixel_values: Tensor, scenes: list | None = None,
+                    sources: list | None = None, source_pixels: Tensor | None = None) -> None:
         """`<name>/gen_*`: the embeddings generated from `prompts` (the head's loop) against the regression targets
-        of the (B,3,H,W) images they should depict; `<name>/t2i_*` when a decoder and a judge are named."""
+        of the (B,3,H,W) images they should depict; `<name>/t2i_*` when a decoder and a judge are named, and
+        `<name>/edit_*` for the rows whose `sources` entry is the scene an edit started from (None: not an edit);
+        `source_pixels` (B,3,H,W), when given, heads the image grid."""
         generated = self.generate_image_embeddings(prompts)                                 # (B,N,D_tgt)
         with torch.no_grad():
             feats = self.encoder(pixel_values.to(self.device))
@@ -127,9 +132,16 @@ class MultimodalEval:
         images = decoder.to(self.device).decode(generated, guidance=self.eval_guidance, steps=self.eval_sample_steps,
                                                  generator=torch.Generator().manual_seed(0))      # (B,3,S,S) [0,1]
         self._eval_metric(f"{name}|t2i", lambda: SemanticAccuracy(judge)).update(images, scenes)
+        edits = [i for i, src in enumerate(sources or []) if src is not None]
+        if edits:   # the same images, judged as edits of their sources
+            from emu_lightning.metrics.edit import EditAccuracy
+
+            self._eval_metric(f"{name}|edit", lambda: EditAccuracy(judge)).update(
+                images[edits], [scenes[i] for i in edits], [sources[i] for i in edits])
         rows = self.__dict__.setdefault("eval_images", {}).setdefault(name, [])
         if not rows:
-            rows += [denormalize(pixel_values[:8]).cpu(), images[:8].cpu()]
+            first = [denormalize(source_pixels[:8]).cpu()] if source_pixels is not None else []
+            rows += [*first, denormalize(pixel_values[:8]).cpu(), images[:8].cpu()]
 
     def eval_generation_parts(self) -> tuple:
         """(decoder, judge) for judged text-to-image evaluation, or (None, None): see the system's arguments."""

@@ -1,9 +1,14 @@
-"""Few-shot in-context prompts (docs/design.md §5, §6): demonstrations + query as document segments.
+"""The papers' evaluation prompts, the one place they live (docs/design.md §5, §6; docs/evaluation.md).
 
-- captioning (Emu1 in-context): `{img}{caption}{img}{caption}…{img}` → the model continues with a caption;
-- VQA (Emu2): demos `{img} based on the picture, {q} short answer: {a}` joined by ". "; the query ends
-  `short answer:`; with k = 0 the query says `answer in one word or phrase`;
+Few-shot in-context prompts of a pretrained (stage-2) model, demonstrations + query as document segments:
+- captioning (Emu, arXiv:2307.05222, in-context): `{img}{caption}{img}{caption}…{img}` → the model continues with a
+  caption;
+- VQA (Emu2, arXiv:2312.13286): demos `{img} based on the picture, {q} short answer: {a}` joined by ". "; the query
+  ends `short answer:`; with k = 0 the query says `answer in one word or phrase`;
 - video QA: the same with `[VIDEO]` + frames and "based on the video".
+
+Zero-shot prompts of a chat-tuned model (`instruct_segments`): Emu-I's captioning and VQA instructions (Emu,
+arXiv:2307.05222, the release's evaluation prompts) in one user turn of the model's own chat template.
 
 Demonstrations come from a training pool: a seeded random draw per query (the k-shot set is the prefix of
 one draw, so 2 ⊂ 4 ⊂ 8), or RICES (the most similar pool images by frozen-encoder cosine, the most similar
@@ -18,9 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from emu_lightning.data.layout.chat import ChatTemplate
 from emu_lightning.data.layout.sequence import vqa_text
 
 TASKS = ("caption", "vqa", "videoqa")
+# Emu-I's instructions (docs/design.md §5, from the release): captioning, and VQA answered in a word or phrase.
+CAPTION_INSTRUCTION = "please provide an accurate and concise description of the given image."
+VQA_INSTRUCTION = ("based on the content of the image and common sense, please provide an accurate answer consisting "
+                   "of only one word or phrase. ")
 
 
 def task_of(layout: str, sample: dict) -> str | None:
@@ -62,6 +72,18 @@ def few_shot_segments(task: str, demos: list[dict], query: dict) -> list[tuple[s
     if task != "caption":
         segs.append(("text", _qa(task, query["question"], zero_shot=not demos)))
     return segs
+
+
+def instruct_segments(task: str, query: dict, template: ChatTemplate) -> list[tuple[str, Any]]:
+    """A chat-tuned model's zero-shot prompt: the query's image and Emu-I's instruction (for VQA followed by the
+    question) in one user turn, ending with the template's generation prompt."""
+    if task == "caption":
+        text = CAPTION_INSTRUCTION
+    elif task == "vqa":
+        text = VQA_INSTRUCTION + query["question"]
+    else:
+        raise ValueError(f"instruct task {task!r}; expected 'caption' or 'vqa'")
+    return template.segments([("user", [("image", query["image"]), ("text", text)])], prompt=True)
 
 
 def random_demos(pool_size: int, k: int, key: str, max_k: int = 8, seed: int = 0) -> list[int]:

@@ -1,10 +1,10 @@
 """Synthetic instruction data from the shape world: LLaVA-style chats and Emu2-Gen instructions.
 
 The small-scale stand-in for Emu2-Chat's instruction mixture (LLaVA conversations, VQA, video QA)
-and Emu2-Gen's instruction tuning (captions, grounded captions, subject-driven prompts; the layouts of
+and Emu2-Gen's instruction tuning (captions, grounded captions, subject-driven prompts, in-context edits; the layouts of
 docs/design.md §2; the whole world: docs/synthetic_world.md). As in ``scenes.py`` every item is a pure
 function of ``(seed, split, index)``; scenes come from `sample_scene` on streams of their own ("chat",
-"chat-compare", "gen"), so splits stay disjoint and ``heldout`` holds exactly the held-out pairs.
+"chat-compare", "gen"; edits: `edits.py`), so splits stay disjoint and ``heldout`` holds exactly the held-out pairs.
 
 In chat turns the literal ``<image>`` / ``<video>`` marks where each image / the clip goes, in
 order, each in the first human turn that needs it (the layout replaces it); ``answers`` are 10
@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from emu_lightning.data.layout.grounding import box_tokens, grounded
+from emu_lightning.data.synthetic.edits import EDIT_KINDS, make_edit, place_edit
 from emu_lightning.data.synthetic.scenes import (
     COLORS,
     HELDOUT_PAIRS,
@@ -34,10 +35,11 @@ from emu_lightning.data.synthetic.scenes import (
 )
 from emu_lightning.data.synthetic.text import _annotate, _join, describe_object, make_captions, make_vqa
 
-__all__ = ["CHAT_KINDS", "GEN_KINDS", "SyntheticChat", "SyntheticGen", "object_box", "object_phrase", "place"]
+__all__ = ["CHAT_KINDS", "EDIT_KINDS", "GEN_KINDS", "SyntheticChat", "SyntheticGen", "object_box", "object_phrase",
+           "place"]
 
 CHAT_KINDS: tuple[str, ...] = ("vqa", "describe", "count", "compare", "video")
-GEN_KINDS: tuple[str, ...] = ("t2i", "grounded", "subject")
+GEN_KINDS: tuple[str, ...] = ("t2i", "grounded", "subject", "edit")
 _DESCRIBE = ("describe the image.", "what does this image show?", "describe what you see in the picture.")
 _MORE = ("the first", "the second", "neither")  # which image has more shapes
 _PHRASE_FIRST_P = 0.7  # docs/design.md §2, grounded text: the phrase goes before its box with p 0.7
@@ -209,13 +211,19 @@ class SyntheticGen(_SyntheticDataset):
     ``<p>this shape</p>`` and its box; the other objects are described with positions), else
     ``grounded`` with p ``grounded_p`` (every object as `grounded` phrase and box, phrase first with
     p 0.7, else box first), else ``t2i`` (a plain caption).
+
+    With p ``edit_p`` an item is an ``edit`` instead (in-context generation, Emu2 §"in-context generation";
+    `edits.py`): the source image is the reference at the instruction's ``<image>``, e.g. "<image> the same shape in
+    blue.", the target scene and image are ``scene`` / ``image``, plus ``"edit"`` (one of ``EDIT_KINDS``, uniform over
+    ``edits``) and ``"source_scene"``. The edit coin and the edit come from RNGs of their own, so the other items are
+    byte for byte those of ``edit_p=0``.
     """
 
     kind = "gen"
 
     def __init__(
         self, split: str = "train", size: int = 10000, image_size: int = 64, seed: int = 0,
-        grounded_p: float = 0.5, subject_p: float = 0.25,
+        grounded_p: float = 0.5, subject_p: float = 0.25, edit_p: float = 0.0, edits: list[str] | None = None,
     ) -> None:  # fmt: skip
         """Args:
         split: one of ``SPLITS``.
@@ -224,14 +232,23 @@ class SyntheticGen(_SyntheticDataset):
         seed: data seed; ``(seed, split, index)`` fixes every byte of an item.
         grounded_p: probability of a grounded instruction among non-subject items.
         subject_p: probability of a subject-driven item (reference image).
+        edit_p: probability of an edit item (source image + edit instruction → edited scene); 0 = none.
+        edits: edit kinds to draw from (subset of ``EDIT_KINDS``); None for all.
         """
         super().__init__(split, size, image_size, seed)
-        if not (0 <= grounded_p <= 1 and 0 <= subject_p <= 1):
-            raise ValueError(f"SyntheticGen: grounded_p={grounded_p}, subject_p={subject_p}; expected in [0, 1]")
-        self.grounded_p, self.subject_p = grounded_p, subject_p
+        for name, p in (("grounded_p", grounded_p), ("subject_p", subject_p), ("edit_p", edit_p)):
+            if not 0 <= p <= 1:
+                raise ValueError(f"SyntheticGen: {name}={p}; expected a probability in [0, 1]")
+        self.edits = tuple(edits) if edits is not None else EDIT_KINDS
+        bad = [k for k in self.edits if k not in EDIT_KINDS]
+        if not self.edits or bad:
+            raise ValueError(f"SyntheticGen: edits={edits!r}; expected a non-empty subset of {EDIT_KINDS}")
+        self.grounded_p, self.subject_p, self.edit_p = grounded_p, subject_p, edit_p
 
     def __getitem__(self, index: int) -> dict:
         rng = self._rng(index)
+        if self.edit_p > 0 and random.Random(f"{self._id(index)}/edit-coin").random() < self.edit_p:
+            return self._edit(index)
         scene = sample_scene(self.split, index, self.seed, stream="gen")
         placed, noise = place(scene, rng.getrandbits(32))
         image = render_placed(placed, scene.background, self.image_size, noise)
@@ -254,3 +271,14 @@ class SyntheticGen(_SyntheticDataset):
             instruction = f"a picture of {_join(parts)}."
         return {"id": self._id(index), "image": image, "scene": scene, "instruction": instruction,
                 "boxes": boxes, "references": references, "kind": kind}  # fmt: skip
+
+    def _edit(self, index: int) -> dict:
+        rng = random.Random(f"emu-synth/gen-edit/{self.seed}/{self.split}/{index}")
+        edit = make_edit(rng.choice(self.edits), self.split, rng)
+        source, target, noise = place_edit(edit, rng.getrandbits(32))
+        background = edit.source.background
+        images = [render_placed(placed, background, self.image_size, noise) for placed in (source, target)]
+        boxes = [(object_phrase(s, c, z), object_box(s, z, cx, cy)) for s, c, z, cx, cy in target]
+        return {"id": self._id(index), "image": images[1], "scene": edit.target, "instruction": f"<image> {edit.text}",
+                "boxes": boxes, "references": [images[0]], "kind": "edit", "edit": edit.kind,
+                "source_scene": edit.source}  # fmt: skip
