@@ -1,0 +1,93 @@
+"""Encoder probe: how fast can the debug encoder learn object shape when it is told the answer directly?
+
+The debug stage-1 encoder is trained from scratch through captioning. This probe trains the same encoder
+(`recipes/components/encoder_eva_debug.yaml` sizes: 64 px, patch 8, 4 blocks, width 192) with a linear read-out
+of its mean-pooled token grid straight onto the shape of every cell of the 3×3 scene grid (7 classes: six shapes
+or empty), with the stage-1 optimiser (AdamW 1e-3, β .9/.95), batch 32. Its curve is a lower bound on how many
+steps captioning needs before the encoder's tokens can tell shapes apart; the gap to the captioning curve is what
+the language path costs (docs/synthetic_world.md, "How fast the debug model learns").
+
+    python benchmarks/encoder_probe.py --stem patch --steps 300
+    python benchmarks/encoder_probe.py --stem conv --steps 300
+
+Each arm writes its curve into benchmarks/results/encoder_probe.json (arm → step → accuracy) and prints it.
+Accuracy is over the objects of 256 val scenes (empty cells are trained on, not scored).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.encoders.eva import EVAEncoder
+from emu_lightning.data.modules.captions import image_transform
+from emu_lightning.data.synthetic.scenes import render, sample_scene
+from emu_lightning.data.synthetic.text import POSITIONS, SHAPES
+
+RESULTS = Path(__file__).resolve().parent / "results" / "encoder_probe.json"
+EMPTY = len(SHAPES)
+
+
+def batch(split: str, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n scenes from `start`: pixels (n,3,64,64) CLIP-normalised, targets (n,9) shape index per cell or EMPTY."""
+    transform, xs, ys = image_transform(64), [], []
+    for i in range(start, start + n):
+        scene = sample_scene(split, i)
+        xs.append(transform(render(scene)))
+        y = [EMPTY] * len(POSITIONS)
+        for o in scene.objects:
+            y[POSITIONS.index(o.position)] = SHAPES.index(o.shape)
+        ys.append(y)
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def run(stem: str, grid: int, steps: int, every: int, batch_size: int = 32) -> dict[int, float]:
+    torch.manual_seed(0)
+    enc = EVAEncoder(img_size=64, patch_size=8, depth=4, embed_dim=192, num_heads=3, drop_cls=True, stem=stem)
+    head = nn.Linear(enc.embed_dim * grid * grid, len(POSITIONS) * (EMPTY + 1))
+    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-3, betas=(0.9, 0.95))
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        tokens = enc(x).transpose(1, 2).reshape(len(x), enc.embed_dim, enc.grid, enc.grid)
+        return F.adaptive_avg_pool2d(tokens, grid).flatten(1)
+
+    vx, vy = batch("val", 0, 256)
+    curve, start = {}, time.time()
+    for step in range(1, steps + 1):
+        x, y = batch("train", step * batch_size, batch_size)
+        loss = F.cross_entropy(head(features(x)).view(-1, EMPTY + 1), y.view(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % every == 0:
+            with torch.no_grad():
+                pred = head(features(vx)).view(len(vx), len(POSITIONS), EMPTY + 1).argmax(-1)
+            objects = vy != EMPTY
+            curve[step] = round((pred[objects] == vy[objects]).float().mean().item(), 3)
+            print(f"{stem} grid {grid} step {step}: shape {curve[step]:.3f} ({time.time() - start:.0f} s)", flush=True)
+    return curve
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stem", choices=["patch", "conv"], default="patch")
+    p.add_argument("--grid", type=int, default=4, help="pooled grid the read-out sees (the debug adapter's: 4)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--every", type=int, default=50)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    curve = run(a.stem, a.grid, a.steps, a.every)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[f"{a.stem}_grid{a.grid}"] = {"steps": curve, "batch_size": 32, "date": time.strftime("%Y-%m-%d")}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
