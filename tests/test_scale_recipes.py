@@ -39,6 +39,29 @@ def test_real_recipe_strategy_wraps_component_blocks(recipe, ac, blocks, monkeyp
     assert {k: len(v) for k, v in block_units(cli.model.parts).items()} == blocks
 
 
+@pytest.mark.parametrize("recipe, blocks", [("emu1/decoder.yaml", {"encoder": 40, "adapter": 12, "unet": 38}),
+                                            ("emu2/decoder.yaml", {"encoder": 64, "unet": 87})])
+def test_real_decoder_recipe_strategy_wraps_unet_blocks(recipe, blocks, monkeypatch, tmp_path):
+    captured = {}
+
+    def keep_strategy(self, **kwargs):
+        return captured.setdefault("strategy", self._get(self.config_init, "trainer")["strategy"])
+
+    monkeypatch.setattr(EmuCLI, "instantiate_trainer", keep_strategy)
+    overlay = tmp_path / "no_weights.yaml"    # no SD weights here: the architectures the recipes state
+    overlay.write_text("model:\n  init_args:\n    unet:\n      init_args: {pretrained: null}\n"
+                       "    space:\n      init_args: {pretrained: null}\n")
+    with torch.device("meta"):
+        cli = cli_main(["--config", str(RECIPES / recipe), "--config", str(overlay), "--model.init_args.init_from",
+                        "null", "--data.init_args.train", "null", "--data.init_args.val", "null",
+                        "--data.init_args.test", "null"], run=False)
+    strategy = captured["strategy"]
+    assert isinstance(strategy, EmuFSDPStrategy) and strategy.activation_checkpointing_parts == ["unet"]
+    units = block_units(cli.model.parts)
+    assert {k: len(v) for k, v in units.items()} == blocks
+    assert {type(m).__name__ for m in units["unet"]} == {"ResnetBlock2D", "BasicTransformerBlock"}
+
+
 def test_fsdp_policies_select_each_parts_blocks(monkeypatch):
     system = tiny_stage1("cformer")
     monkeypatch.setattr(FSDPStrategy, "_setup_model", lambda self, model: model)

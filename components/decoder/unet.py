@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.resnet import ResnetBlock2D
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -117,6 +119,9 @@ class VisualDecoderUNet(nn.Module):
             self.grid_proj = nn.Conv2d(cond_dim, grid_channels, 1)
         self.sample_channels = self.unet.config.in_channels - grid_channels
         self.image_size = image_size or self.unet.config.sample_size
+        # The UNet repeats two blocks, as SD training shards it: the residual conv block and the transformer
+        # block (self-, cross-attention, FF) of each Transformer2DModel; both are FSDP / checkpointing units.
+        self.block_cls: tuple[type[nn.Module], ...] = (ResnetBlock2D, BasicTransformerBlock)
 
     @property
     def sample_size(self) -> int:

@@ -1,7 +1,8 @@
 """Sharding beside the model: FSDP wrap units and activation checkpointing from the components' `block_cls`.
 
 Every component that repeats a block declares it (`encoder.block_cls`: the EVA block, `adapter.block_cls`: the
-C-Former's T5 block, `llm.block_cls`: the Llama decoder layer). A block is the unit of sharding (one all-gather
+C-Former's T5 block, `llm.block_cls`: the Llama decoder layer, `unet.block_cls`: the decoder UNet's two, diffusers'
+`ResnetBlock2D` and `BasicTransformerBlock`). A block is the unit of sharding (one all-gather
 per block in forward and backward) and of activation checkpointing; the recipe names, per part, which parts
 recompute their blocks. Two Lightning strategies read that:
 
@@ -29,7 +30,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def block_units(parts: dict[str, nn.Module], names: list[str] | None = None) -> dict[str, list[nn.Module]]:
-    """Part name → its block modules (instances of the part's `block_cls`), for `names` (None = every part)."""
+    """Part name → its block modules (instances of the part's `block_cls`, one class or a tuple of classes), for
+    `names` (None = every part). A block nested in another block is not a unit of its own."""
     unknown = sorted(set(names or []) - set(parts))
     if unknown:
         raise ValueError(f"sharding names parts {unknown}, but the system's parts are {sorted(parts)}")
@@ -37,7 +39,10 @@ def block_units(parts: dict[str, nn.Module], names: list[str] | None = None) -> 
     for name, part in parts.items():
         cls = getattr(part, "block_cls", None)
         if (names is None or name in names) and cls is not None:
-            out[name] = [m for m in part.modules() if type(m) is cls]
+            classes = cls if isinstance(cls, tuple) else (cls,)
+            blocks = [m for m in part.modules() if type(m) in classes]
+            inner = {id(m) for b in blocks for m in b.modules() if m is not b}
+            out[name] = [b for b in blocks if id(b) not in inner]
     return out
 
 

@@ -255,7 +255,16 @@ class Stage2System(MultimodalEval, EmuSystem):
         self.counters["truncated"] += int(batch["num_truncated"])
         self.log("train/truncated_total", float(self.counters["truncated"]))
         # Documents read (a packed batch's rows hold several) and those read past, by kind: the one skip account.
-        self.count_skips(batch.get("skipped") or {}, int(batch.get("num_documents", B)))
+        documents = int(batch.get("num_documents", B))
+        self.count_skips(batch.get("skipped") or {}, documents)
+        # What the run has trained on, in documents and non-padding tokens (rows depend on packing): run totals.
+        # The datamodule counts the tokens on the CPU before the transfer (no device sync here).
+        tokens = batch.get("num_tokens")
+        tokens = int((batch["attention_mask"] > 0).sum()) if tokens is None else tokens
+        self.counters["documents"] = self.counters.get("documents", 0) + documents
+        self.counters["tokens"] = self.counters.get("tokens", 0) + tokens
+        self.log_dict({"train/documents_total": float(self.counters["documents"]),
+                       "train/tokens_total": float(self.counters["tokens"])})
         loss = self.checked_loss(losses)   # None: non-finite, the step is skipped and counted
         if loss is not None:
             self.log_losses(losses, "train", B)

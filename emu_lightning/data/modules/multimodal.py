@@ -14,6 +14,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from emu_lightning.data.layout.chat import chat_template
+from emu_lightning.data.layout.packing import PackingCollator
 from emu_lightning.data.modules.captions import NamedEvalSets, image_transform
 from emu_lightning.data.modules.mixture import ResumableLoader, SourceMixture, Step, step_counts
 from emu_lightning.data.layout.sequence import Layout, SequenceCollator
@@ -30,7 +31,7 @@ def _synthetic(kind: str, split: str, size: int, image_size: int) -> Dataset:
 class _TrainCollate:
     """A step's documents → a batch, carrying the stream position after it (`stream_state`)."""
 
-    def __init__(self, collate: SequenceCollator):
+    def __init__(self, collate: SequenceCollator | PackingCollator):
         self.collate = collate
 
     def __call__(self, step: Step) -> dict:
@@ -69,6 +70,11 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
         eval_batch_size: evaluation queries per batch.
         num_workers: DataLoader workers.
         max_length: longest sequence; longer documents are cut at a span boundary and counted.
+        pack_length: when set, each training step's documents (the `batch_size` the mixture draws, its shares
+            unchanged) are packed end to end into rows of at most `pack_length` tokens (`PackingCollator`: each
+            document attends only to itself, losses equal the unpacked ones) instead of one padded row each: the
+            step's tokens stay those of its documents, its rows shrink to about tokens / `pack_length`. At least
+            `max_length`. None = one document per row. Evaluation batches are never packed.
         num_frames: frames per video (uniformly subsampled).
         skip_short_videos: skip and count videos with fewer frames than `num_frames` (False: raise).
         video_token: open each video with `[VIDEO]` (Emu2) or not (Emu1).
@@ -91,7 +97,8 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
                  layouts: dict[str, str] | None = None, val: dict[str, Dataset] | None = None,
                  test: dict[str, Dataset] | None = None, demos: dict[str, Dataset] | None = None,
                  image_size: int = 64, batch_size: int = 24, eval_batch_size: int = 32, num_workers: int = 0,
-                 max_length: int = 256, num_frames: int = 8, skip_short_videos: bool = False,
+                 max_length: int = 256, pack_length: int | None = None, num_frames: int = 8,
+                 skip_short_videos: bool = False,
                  video_token: bool = True, text_first_p: float = 0.5, image_first_p: float = 0.5,
                  demo_pool_size: int = 256, seed: int = 0, template: str | dict | None = None,
                  tokenizer: Any = None, num_image_tokens: int = 16, max_bad_fraction: float = 0.01,
@@ -130,6 +137,10 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
         self.transform = image_transform(image_size)
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.max_length, self.num_frames, self.skip_short_videos = max_length, num_frames, skip_short_videos
+        if pack_length is not None and pack_length < max_length:
+            raise ValueError(f"pack_length={pack_length} is shorter than max_length={max_length}: a packed row must "
+                             "hold the longest document; raise pack_length or lower max_length")
+        self.pack_length = pack_length
         self.video_token, self.text_first_p, self.image_first_p = video_token, text_first_p, image_first_p
         self.spelling = spelling
         self.seed, self.tokenizer, self.num_image_tokens = seed, tokenizer, num_image_tokens
@@ -181,8 +192,8 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         layouts = {n: self.layout(k, train=True) for n, k in self.layout_kinds.items()}
         stream = SourceMixture(self.train_sets, self.counts, layouts, self.transform, self.seed)
-        self._train_loader = ResumableLoader(stream, num_workers=self.num_workers,
-                                             collate_fn=_TrainCollate(self.collator()),
+        collate = PackingCollator(self.collator(), self.pack_length) if self.pack_length else self.collator()
+        self._train_loader = ResumableLoader(stream, num_workers=self.num_workers, collate_fn=_TrainCollate(collate),
                                              persistent_workers=self.num_workers > 0)
         return self._train_loader
 
@@ -191,6 +202,8 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
         if isinstance(batch, dict) and "stream_state" in batch:
             batch = dict(batch)
             self._train_loader.consumed(batch.pop("stream_state"))
+            # Non-padding tokens, counted while the mask is on the CPU (a plain int stays there).
+            batch["num_tokens"] = int((batch["attention_mask"] > 0).sum())
         return batch
 
     def _eval_loader(self, name: str, ds: Dataset) -> DataLoader:
