@@ -104,6 +104,13 @@ def has_factors(state: dict[str, Tensor]) -> bool:
     return any(_FACTOR.fullmatch(k) for k in state)
 
 
+def lora_delta(a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """The update a LoRA pair adds to its base weight: (alpha / r) · B A, r = A's rows, the product taken in fp32
+    for bf16 / fp16 factors as peft's `get_delta_weight` does. a (r,in), b (out,r) -> (out,in); the caller casts."""
+    half = b.dtype in (torch.float16, torch.bfloat16)
+    return ((b.float() @ a.float()) if half else b @ a) * (alpha / a.shape[0])
+
+
 def merge_lora_state(state: dict[str, Tensor], alphas: dict[str, float]) -> dict[str, Tensor]:
     """A saved state dict (keys `<part>.…`) with every LoRA target merged into its base weight and renamed to the
     plain name, factors dropped. `alphas`: each adapted part's alpha (r is read from the factors). Computes
@@ -121,9 +128,7 @@ def merge_lora_state(state: dict[str, Tensor], alphas: dict[str, float]) -> dict
             raise ValueError(f"{module} has lora_{''.join(ab)} but not both lora_A and lora_B")
         a, b = ab["A"], ab["B"]                                             # (r,in), (out,r)
         w = out.pop(f"{module}.base_layer.weight")                          # (out,in)
-        fp32 = b.dtype in (torch.float16, torch.bfloat16)
-        delta = ((b.float() @ a.float()) if fp32 else b @ a) * (alphas[part] / a.shape[0])
-        out[f"{module}.weight"] = w + delta.to(b.dtype).to(w.dtype)
+        out[f"{module}.weight"] = w + lora_delta(a, b, alphas[part]).to(b.dtype).to(w.dtype)
         if f"{module}.base_layer.bias" in out:
             out[f"{module}.bias"] = out.pop(f"{module}.base_layer.bias")
     return out

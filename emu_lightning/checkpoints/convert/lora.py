@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from emu_lightning.checkpoints.convert.common import ConversionError
+from emu_lightning.systems.lora import lora_delta
 
 PEFT = "decoder.lm.base_model.model."      # `model.decoder.lm = get_peft_model(model.decoder.lm, ...)`
 FACTOR = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight")
@@ -57,7 +58,7 @@ def merge_lora(state: dict[str, Tensor], alpha: float, source: str) -> tuple[dic
         if a.shape[1] != w.shape[1] or tuple(b.shape) != (w.shape[0], r):
             raise ConversionError(f"{source}: {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not "
                                   f"factor an update of the base weight {tuple(w.shape)}")
-        out[names[0]] = w + (b.float() @ a.float() * (alpha / r)).to(w.dtype)
+        out[names[0]] = w + lora_delta(a, b, alpha).to(w.dtype)
     return out, {"alpha": alpha, "adapter": adapters.pop(), "base_layer": base_layer, "targets": sorted(pairs)}
 
 
