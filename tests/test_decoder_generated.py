@@ -78,8 +78,8 @@ def test_evaluation_scores_text_to_image_with_the_judge(tmp_path, monkeypatch):
 
     batch["scenes"] = [SyntheticCaptions(split="train", size=2, image_size=IMAGE_SIZE)[i]["scene"] for i in range(2)]
     decoder._evaluate(batch, 0, "val")
-    assert "val_t2i" in decoder.metrics and len(decoder.eval_images["val"]) == 3
-    assert set(decoder.metrics["val_t2i"].compute()) >= {"color", "shape", "both"}
+    assert ("val", "t2i") in decoder.metrics and len(decoder.eval_images["val"]) == 3
+    assert set(decoder.metrics["val", "t2i"].compute()) >= {"color", "shape", "both"}
     del semantic
 
 
@@ -104,8 +104,18 @@ def test_a_unet_handoff_starts_the_ema_from_the_loaded_weights(tmp_path):
     tuned.setup("fit")
     for k, v in trained.unet.state_dict().items():
         assert torch.equal(tuned.ema.state_dict()[k], v), k
-    # Without the UNet in the hand-off the EMA stays the constructed one (and equals the fresh UNet).
-    fresh = tiny_decoder(ema_decay=0.99, init_from=str(tmp_path / "d.ckpt"))
+    # The default hand-off loads the UNet too when the checkpoint has one (tuning a decoder run continues it) ...
+    default = tiny_decoder(ema_decay=0.99, init_from=str(tmp_path / "d.ckpt"))
+    default.setup("fit")
+    assert default.handoff_report.fresh == []
+    for k, v in trained.unet.state_dict().items():
+        assert torch.equal(default.unet.state_dict()[k], v), k
+        assert torch.equal(default.ema.state_dict()[k], v), k
+    # ... and a mapping without it leaves the UNet, and the EMA constructed from it, fresh.
+    fresh = tiny_decoder(ema_decay=0.99, init_from=str(tmp_path / "d.ckpt"),
+                         handoff={"encoder": "encoder", "adapter": "adapter"})
     fresh.setup("fit")
+    assert fresh.handoff_report.fresh == ["unet"]
+    assert not torch.equal(fresh.unet.state_dict()[first], trained.unet.state_dict()[first])
     for k, v in fresh.unet.state_dict().items():
         assert torch.equal(fresh.ema.state_dict()[k], v), k

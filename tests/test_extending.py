@@ -4,6 +4,8 @@
   `recipes/components/adapter_mlp_debug.yaml` verbatim; the adapter sweep has it as an arm, and that arm
   trains stage 1 through the sweep runner with no other edit.
 - "Add a data source": the `CaptionFolder` example, executed as written, feeds the stage-1 datamodule.
+- "Add a metric": the registry entry and the system's line, executed as written in a stage-1 system, log the tag
+  the section names.
 """
 from __future__ import annotations
 
@@ -70,3 +72,24 @@ def test_data_source_example_feeds_the_stage1_datamodule(tmp_path):
     assert (batch["labels"] != -100).any()
     with pytest.raises(FileNotFoundError, match="no .png files"):
         scope["CaptionFolder"](str(tmp_path / "empty"))
+
+
+def test_metric_example_is_one_registry_entry_and_logs_its_tag(monkeypatch):
+    from torchmetrics import MeanMetric
+
+    from emu_lightning.metrics import registry
+    from tests.helpers import tiny_stage1
+
+    section = _section("Add a metric")
+    entry, line = _blocks(section, "python")
+    (name, spec), = eval("{" + entry + "}", {"MetricSpec": registry.MetricSpec, "MeanMetric": MeanMetric}).items()
+    monkeypatch.setitem(registry.METRICS, name, spec)
+    system = tiny_stage1()
+    preds = ["a red circle.", "two blue squares on the left."]
+    for decode in ("greedy", "beam"):
+        exec(line, {"torch": torch}, {"self": system, "name": "val", "decode": decode, "preds": preds})
+    logged = {}
+    monkeypatch.setattr(system, "log", lambda tag, value, **kw: logged.__setitem__(tag, float(value)))
+    system._eval_epoch_end()
+    assert logged == {"val/caption_words_greedy": 4.5, "val/caption_words_beam": 4.5}
+    assert all(f"`{tag}`" in section for tag in logged)

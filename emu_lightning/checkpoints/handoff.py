@@ -112,13 +112,15 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def load_parts(parts: dict[str, nn.Module], path: str, mapping: dict[str, str],
-               system: str = "this system") -> HandoffReport:
+               system: str = "this system", optional: tuple[str, ...] = ()) -> HandoffReport:
     """Load `parts[target]` from the keys `<source>.*` of the checkpoint at `path`, for each target → source.
 
     Args:
         path: a Lightning checkpoint, a `torch.save`d state dict, or safetensors weights (a file or a shard index,
             as the converter writes with `--shard-size`), which are memory-mapped.
         system: the class of the system loading (named in the errors).
+        optional: targets loaded only when the checkpoint has their source (e.g. the decoder's UNet: present when
+            tuning an earlier decoder run, absent in a stage-1 checkpoint); absent ones stay fresh.
 
     Raises:
         ValueError: a mapping names an unknown part; or the checkpoint does not fit: a source prefix has no keys,
@@ -129,6 +131,8 @@ def load_parts(parts: dict[str, nn.Module], path: str, mapping: dict[str, str],
     unknown = sorted(set(mapping) - set(parts))
     if unknown:
         raise ValueError(f"hand-off mapping names {unknown}, but the system's parts are {sorted(parts)}")
+    mapping = {t: s for t, s in mapping.items()
+               if t not in optional or any(k.startswith(s + ".") for k in state)}
     needs = sorted(set(mapping.values()))
     absent = [s for s in needs if not any(k.startswith(s + ".") for k in state)]
     if absent:

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
-from torch import Tensor, nn
-from torchmetrics import Metric
+from torch import Tensor
 
 from emu_lightning.data.synthetic.scenes import POSITIONS, SHAPES, Obj, Scene
-from emu_lightning.metrics.semantic import COLOR_NAMES, EMPTY, predict_cells
+from emu_lightning.metrics.semantic import COLOR_NAMES, EMPTY, JudgedMetric
 
 _STATES = ("color_hits", "shape_hits", "both_hits", "position_hits", "objects", "removed_hits", "removals",
            "kept_hits", "kept_facts")
@@ -48,35 +46,26 @@ def _reads(shapes: list[int], colors: list[int], o: Obj, cell: int) -> tuple[boo
     return shapes[cell] == SHAPES.index(o.shape), colors[cell] == COLOR_NAMES.index(o.color)
 
 
-class EditAccuracy(Metric):
+class EditAccuracy(JudgedMetric):
     """Per-edit accuracies of generated images against their (target, source) scenes, read by a frozen judge.
 
     ``compute()`` gives ``color``, ``shape``, ``both``, ``position`` (the edited object in the target; present when
     some edit leaves one), ``removed`` (present when some edit is a removal) and ``kept`` (module docstring). The
-    judge is kept in a tuple, out of the parameters and ``state_dict`` of a module holding the metric.
+    judge stays out of the parameters and ``state_dict`` of a module holding the metric (`JudgedMetric`).
 
     Args:
         classifier: frozen module mapping (B,3,H,W) in [0,1] to ``{"shape", "color"}`` logits (B,9,7).
         **kwargs: forwarded to ``torchmetrics.Metric``.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, classifier: nn.Module, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._classifier = (classifier.eval().requires_grad_(False),)
-        for name in _STATES:
-            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+    STATES = _STATES
 
     def update(self, images: Tensor, targets: list[Scene], sources: list[Scene]) -> None:
         """Accumulate (B,3,H,W) images in [0,1] against the B target scenes and the B sources they were edited from."""
         if images.ndim != 4 or not images.shape[0] == len(targets) == len(sources):
             raise ValueError(f"EditAccuracy: images {tuple(images.shape)} vs {len(targets)} targets and "
                              f"{len(sources)} sources; expected one of each per image")
-        net = self._classifier[0].to(images.device).eval()
-        pred_shape, pred_color = (t.tolist() for t in predict_cells(net, images.float()))     # (B,9) each
+        pred_shape, pred_color = (t.tolist() for t in self.judge(images))     # (B,9) each
         counts = dict.fromkeys(_STATES, 0)
         for shapes, colors, target, source in zip(pred_shape, pred_color, targets, sources):
             old, new, untouched = edited_objects(source, target)

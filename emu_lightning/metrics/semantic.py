@@ -240,14 +240,12 @@ def load_or_train_scene_classifier(path: str | Path, image_size: int = 32, steps
     return model
 
 
-class SemanticAccuracy(Metric):
-    """Per-object color / shape accuracy of images of known scenes, read by a frozen `SceneClassifier`.
+class JudgedMetric(Metric):
+    """Base of the metrics that read images with a frozen scene judge (`SemanticAccuracy`, `EditAccuracy`).
 
-    ``compute()`` gives ``color``, ``shape`` and ``both`` (fractions of ground-truth objects), ``position``
-    (fraction of ground-truth objects whose cell holds some object by the shape head: drawn in the right place,
-    whatever its attributes) and ``empty`` (fraction of empty cells where both heads say empty). The classifier is kept in a tuple, so it is not
-    a submodule: it never appears in the parameters or ``state_dict`` of a module holding this metric. It
-    is moved to the images' device and set to eval mode on each ``update``.
+    The judge is kept in a tuple, so it is not a submodule: it never appears in the parameters or ``state_dict`` of
+    a module holding the metric. `judge` moves it to the images' device and sets eval mode on each call. Each name
+    in ``STATES`` is a float64 sum, reduced across ranks by summing.
 
     Args:
         classifier: frozen module mapping (B,3,H,W) in [0,1] to ``{"shape", "color"}`` logits (B,9,7).
@@ -257,20 +255,39 @@ class SemanticAccuracy(Metric):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    STATES: tuple[str, ...] = ()
 
     def __init__(self, classifier: nn.Module, **kwargs) -> None:
         super().__init__(**kwargs)
         self._classifier = (classifier.eval().requires_grad_(False),)
-        for name in ("color_hits", "shape_hits", "both_hits", "position_hits", "objects", "empty_hits",
-                     "empty_cells"):
+        for name in self.STATES:
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def judge(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The judge's argmax classes ``(shape (B,9), color (B,9))`` of (B,3,H,W) images in [0,1]."""
+        return predict_cells(self._classifier[0].to(images.device).eval(), images.float())
+
+
+class SemanticAccuracy(JudgedMetric):
+    """Per-object color / shape accuracy of images of known scenes, read by a frozen `SceneClassifier`.
+
+    ``compute()`` gives ``color``, ``shape`` and ``both`` (fractions of ground-truth objects), ``position``
+    (fraction of ground-truth objects whose cell holds some object by the shape head: drawn in the right place,
+    whatever its attributes) and ``empty`` (fraction of empty cells where both heads say empty). The classifier
+    stays out of the parameters and ``state_dict`` of a module holding this metric (`JudgedMetric`).
+
+    Args:
+        classifier: frozen module mapping (B,3,H,W) in [0,1] to ``{"shape", "color"}`` logits (B,9,7).
+        **kwargs: forwarded to ``torchmetrics.Metric``.
+    """
+
+    STATES = ("color_hits", "shape_hits", "both_hits", "position_hits", "objects", "empty_hits", "empty_cells")
 
     def update(self, images: Tensor, scenes: list[Scene]) -> None:
         """Accumulate (B,3,H,W) images in [0,1] against their B scenes."""
         if images.ndim != 4 or images.shape[0] != len(scenes):
             raise ValueError(f"SemanticAccuracy: images {tuple(images.shape)} vs {len(scenes)} scenes")
-        net = self._classifier[0].to(images.device).eval()
-        pred_shape, pred_color = predict_cells(net, images.float())  # (B,9) each
+        pred_shape, pred_color = self.judge(images)  # (B,9) each
         shape, color = (t.to(images.device) for t in scene_targets(scenes))
         obj = shape != EMPTY  # (B,9) cells holding a ground-truth object
         shape_ok, color_ok = pred_shape == shape, pred_color == color

@@ -75,6 +75,7 @@ class PartsSystem(L.LightningModule):
     # Stage hand-off: subclasses that start from an earlier stage set `init_from` and `handoff` {part: prefix}.
     init_from: str | None = None
     handoff: dict[str, str] = {}
+    handoff_optional: tuple[str, ...] = ()    # parts loaded only when the checkpoint holds them
     handoff_report = None
 
     @property
@@ -85,7 +86,8 @@ class PartsSystem(L.LightningModule):
     def setup(self, stage: str) -> None:
         # The hand-off runs once, before Lightning restores a `ckpt_path` (which then wins, as on resume).
         if self.init_from and self.handoff_report is None:
-            self.handoff_report = load_parts(self.parts, self.init_from, self.handoff, type(self).__name__)
+            self.handoff_report = load_parts(self.parts, self.init_from, self.handoff, type(self).__name__,
+                                             self.handoff_optional)
             rank_zero_info(str(self.handoff_report))
 
     def configure_model(self) -> None:

@@ -26,8 +26,8 @@ from components.decoder.space import LatentSpace, PixelSpace
 from components.decoder.unet import VisualDecoderUNet
 from emu_lightning.data.modules.captions import denormalize
 from emu_lightning.data.layout.tokenizer import load_tokenizer
-from emu_lightning.metrics.image_quality import make_fid, reconstruction_metrics
-from emu_lightning.metrics.semantic import SemanticAccuracy, load_scene_classifier
+from emu_lightning.metrics.registry import MetricStore
+from emu_lightning.metrics.semantic import load_scene_classifier
 from emu_lightning.systems.base import PartsSystem, _adamw
 from emu_lightning.systems.policy import StagePolicy
 
@@ -65,7 +65,9 @@ class DecoderSystem(PartsSystem):
         null_condition: `zero_image` (the default: features of an all-zero normalised image, docs/design.md §4)
             or `zeros`.
         ema_decay: keep an EMA of the UNet weights (used for sampling) when set, e.g. 0.999.
-        init_from / handoff: checkpoint and {part: source prefix} for the frozen encoder and adapter.
+        init_from / handoff: checkpoint and {part: source prefix} for the frozen encoder and adapter. The default
+            (None) also loads the UNet when the checkpoint has one (`unet.*`: tuning an earlier decoder run);
+            from a stage-1/2 checkpoint the UNet starts fresh. Name a mapping to choose exactly.
         sampler / sample_steps / guidance_scale: evaluation sampling (Emu1 pndm 50 / 7.5, Emu2 euler 50 / 3;
             docs/design.md §4).
         semantic_classifier: path of a trained scene classifier (safetensors); None skips the semantic check.
@@ -132,7 +134,8 @@ class DecoderSystem(PartsSystem):
         self.ema = copy.deepcopy(unet).requires_grad_(False) if ema_decay else None
         self.ema_decay = ema_decay
         self.init_from = init_from
-        self.handoff = handoff or {"encoder": "encoder", "adapter": "adapter"}
+        self.handoff = handoff or {"encoder": "encoder", "adapter": "adapter", "unet": "unet"}
+        self.handoff_optional = () if handoff else ("unet",)
         self.sampler, self.sample_steps, self.guidance_scale = sampler, sample_steps, guidance_scale
         self.eval_seed, self.num_samples = eval_seed, num_samples
         self.semantic_classifier, self.fid_feature, self.fid_weights = semantic_classifier, fid_feature, fid_weights
@@ -152,9 +155,9 @@ class DecoderSystem(PartsSystem):
             g = load_model(generator).eval().requires_grad_(False)
             check_pairing(g, unet, condition, f"generator {generator}")
             self._generator.append(g)
-        # "<set>_<metric>" → metric, made on first use. A plain dict, not a ModuleDict: the FID feature network
-        # and scene classifier must stay out of the checkpoint and the parameter audit.
-        self.metrics: dict[str, Any] = {}
+        # (set, metric) → metric, made on first use; the store keeps the FID feature network and the scene
+        # classifier out of the checkpoint and the parameter audit (metrics/registry.py).
+        self.metrics = MetricStore(self)
         self._judges: dict[str, nn.Module] = {}          # the frozen scene classifier, loaded on first use
         self.eval_images: dict[str, list[Tensor]] = {}    # set → [input, reconstruction] rows for ImageGridLog
 
@@ -286,12 +289,6 @@ class DecoderSystem(PartsSystem):
                    self.guidance_scale if guidance is None else guidance, generator)
         return ((self.space.decode(z) + 1) / 2).clamp(0, 1)
 
-    def _metric(self, key: str, make: Any) -> nn.Module:
-        if key not in self.metrics:
-            self.metrics[key] = make().to(self.device)
-            self.metrics[key].requires_grad_(False)
-        return self.metrics[key]
-
     def on_validation_epoch_start(self) -> None:
         self.eval_images = {}
 
@@ -302,23 +299,24 @@ class DecoderSystem(PartsSystem):
         self._evaluate(batch, batch_idx, self._names("test")[dataloader_idx])
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics()
+        self.metrics.log_and_reset()
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics()
+        self.metrics.log_and_reset()
 
     def _evaluate(self, batch: dict, batch_idx: int, name: str) -> None:
         pixels = batch["pixel_values"]
         gen = torch.Generator().manual_seed(self.eval_seed + batch_idx)   # same noise every evaluation
         recon = self.decode(self.condition(pixels), generator=gen)         # (B,3,S,S) in [0,1]
         real = (self.target_images(pixels) + 1) / 2
-        self._metric(f"{name}_recon", reconstruction_metrics).update(recon, real)
+        # <set>/psnr, ssim; <set>/semantic_* of reconstructions; <set>/fid; <set>/t2i_* of text-to-image
+        self.metrics.metric(name, "recon").update(recon, real)
         if self.semantic_classifier and "scenes" in batch:
-            classifier = self._classifier()
-            self._metric(f"{name}_semantic", lambda: SemanticAccuracy(classifier)).update(recon, batch["scenes"])
+            self.metrics.metric(name, "semantic", classifier=self._classifier()).update(recon, batch["scenes"])
         if self.fid_feature:
             classifier = self._classifier() if self.fid_feature == "scene" else None
-            fid = self._metric(f"{name}_fid", lambda: make_fid(self.fid_feature, classifier, self.fid_weights))
+            fid = self.metrics.metric(name, "fid", feature=self.fid_feature, classifier=classifier,
+                                      weights_path=self.fid_weights)
             fid.update(real, real=True)
             fid.update(recon, real=False)
         t2i = None
@@ -327,7 +325,7 @@ class DecoderSystem(PartsSystem):
             cond = self.generate_conditions([c[0] for c in batch["captions"]])
             t2i = self.decode(cond, generator=gen)
             if self.semantic_classifier and "scenes" in batch:
-                self._metric(f"{name}_t2i", lambda: SemanticAccuracy(self._classifier())).update(t2i, batch["scenes"])
+                self.metrics.metric(name, "t2i", classifier=self._classifier()).update(t2i, batch["scenes"])
         rows = self.eval_images.setdefault(name, [])
         if not rows:
             rows += [real[: self.num_samples].cpu(), recon[: self.num_samples].cpu()]
@@ -343,14 +341,3 @@ class DecoderSystem(PartsSystem):
                                  "classifier (benchmarks/scene_classifier.py writes one)")
             self._judges["scene"] = load_scene_classifier(self.semantic_classifier).to(self.device).eval().requires_grad_(False)
         return self._judges["scene"]
-
-    def _log_metrics(self) -> None:
-        for key in list(self.metrics):
-            name, kind = key.rsplit("_", 1)
-            value = self.metrics[key].compute()
-            values = value if isinstance(value, dict) else {"fid": value}
-            # recon: psnr / ssim; semantic: color / shape / ... of reconstructions; t2i: the same of text-to-image
-            prefix = {"semantic": "semantic_", "t2i": "t2i_"}.get(kind, "")
-            for metric, v in values.items():
-                self.log(f"{name}/{prefix}{metric}", float(v), add_dataloader_idx=False, sync_dist=False)
-            self.metrics[key].reset()

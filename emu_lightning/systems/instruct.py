@@ -14,17 +14,14 @@ with the same forward pass; what differs is the data and which loss counts:
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
 
 from emu_lightning.data.layout.chat import ChatTemplate, chat_template, conversation_turns
 from emu_lightning.data.layout.fewshot import first_answer
-from emu_lightning.metrics.vqa import VQAAccuracy
 from emu_lightning.systems.stage2 import Stage2System
 
-_LenientVQA = partial(VQAAccuracy, rules="lenient")
 _FROM_STAGE2 = {"encoder": "encoder", "adapter": "adapter", "llm": "llm", "regression_head": "regression_head"}
 
 
@@ -70,9 +67,9 @@ class ChatSystem(Stage2System):
         samples = batch["samples"]
         self._eval_losses(batch, name)
         preds = self.answer(samples)
-        # Lenient rules: the chat's answers are written freely ("the first", whole captions), and the official
-        # rules never normalise unanimous human answers (emu_lightning/metrics/vqa.py).
-        self._eval_metric(f"{name}|answer_acc", _LenientVQA).update(
+        # answer_acc: VQA accuracy under the lenient rules; the chat's answers are written freely ("the first", whole
+        # captions), and the official rules never normalise unanimous human answers (emu_lightning/metrics/vqa.py).
+        self.metrics.metric(name, "answer_acc").update(
             [first_answer(p) for p in preds], [s["answers"] for s in samples])
         kept = self.eval_samples.setdefault(name, [])
         for s, p in zip(samples, preds):

@@ -1,5 +1,5 @@
 """Validation and test of the multimodal stages (docs/design.md §6), as a mixin of a system with `losses`,
-`generate_text` and `generate_image_embeddings`.
+`generate_text`, `generate_image_embeddings` and `metrics`, its `MetricStore` (`metrics/registry.py`).
 
 Per named evaluation set, logged as `<set>/<metric>`:
 - the teacher-forced losses (`text_loss`, `regression_loss`, `regression_cos`) on the set's deterministic layout;
@@ -21,26 +21,16 @@ Demonstrations come from the datamodule's `demo_pool(<set>)`: seeded random, or 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from emu_lightning.data.layout.binding import binding_prompt
 from emu_lightning.data.layout.fewshot import few_shot_segments, first_answer, random_demos, rices_demos, task_of
-from emu_lightning.metrics.binding import BindingAccuracy
-from emu_lightning.metrics.cider import CIDErD
-from emu_lightning.metrics.embedding import EmbeddingSimilarity
-from emu_lightning.metrics.vqa import VQAAccuracy
 
-_METRIC = {"caption": ("cider", CIDErD), "vqa": ("vqa_acc", VQAAccuracy), "videoqa": ("videoqa_acc", VQAAccuracy)}
+# The registered metric (metrics/registry.py) of each few-shot task.
+_TASK_METRIC = {"caption": "cider", "vqa": "vqa_acc", "videoqa": "videoqa_acc"}
 
 
 class MultimodalEval:
-    def _eval_metric(self, key: str, cls: type) -> nn.Module:
-        if not hasattr(self, "eval_metrics"):
-            self.eval_metrics = nn.ModuleDict()   # "<set>|<log name>" → metric, made on first use
-        if key not in self.eval_metrics:
-            self.eval_metrics[key] = cls().to(self.device)
-        return self.eval_metrics[key]
-
     @torch.no_grad()
     def _rices_features(self, samples: list[dict]) -> Tensor:
         """(B,D_enc) frozen-encoder features: mean over tokens (and over frames for videos)."""
@@ -75,7 +65,7 @@ class MultimodalEval:
         self._eval_losses(batch, name)
         task = task_of(batch["layout"], samples[0])
         if task is not None:
-            metric_name, cls = _METRIC[task]
+            metric_name = _TASK_METRIC[task]
             ks = self.video_shots if task == "videoqa" else self.shots
             # Query features once per batch, shared by every k that selects demonstrations by RICES.
             rices = "rices" in self.selection and any(k > 0 for k in ks)
@@ -85,7 +75,7 @@ class MultimodalEval:
                     demos = self._demos(name, samples, k, selection, max(ks), query_feats)
                     prompts = [few_shot_segments(task, d, q) for d, q in zip(demos, samples)]
                     suffix = f"k{k}" if k == 0 else f"k{k}_{selection}"
-                    metric = self._eval_metric(f"{name}|{metric_name}_{suffix}", cls)
+                    metric = self.metrics.metric(name, metric_name, suffix)
                     if task == "caption":
                         preds = self.generate_text(prompts, self.max_new_tokens, self.num_beams)
                         metric.update(preds, [s["captions"] for s in samples])
@@ -109,8 +99,8 @@ class MultimodalEval:
         for k in shots if shots is not None else [None]:
             prompts = [binding_prompt(s, len(s["images"]) - 1 if k is None else k) for s in samples]
             preds = self.generate_text(prompts, self.answer_max_new_tokens, self.num_beams)
-            key = f"{name}|binding_acc" + ("" if k is None else f"_k{k}")
-            self._eval_metric(key, BindingAccuracy).update(preds, [s["answer"] for s in samples])
+            self.metrics.metric(name, "binding_acc", None if k is None else f"k{k}").update(
+                preds, [s["answer"] for s in samples])
 
     def _gen_metric(self, name: str, prompts: list, pixel_values: Tensor, scenes: list | None = None,
                     sources: list | None = None, source_pixels: Tensor | None = None) -> None:
@@ -122,21 +112,18 @@ class MultimodalEval:
         with torch.no_grad():
             feats = self.encoder(pixel_values.to(self.device))
             target = self.visual_targets(feats, self.adapter(feats))
-        self._eval_metric(f"{name}|gen", EmbeddingSimilarity).update(generated, target)
+        self.metrics.metric(name, "gen").update(generated, target)
         decoder, judge = self.eval_generation_parts()
         if decoder is None or not scenes or any(sc is None for sc in scenes):
             return
         from emu_lightning.data.modules.captions import denormalize
-        from emu_lightning.metrics.semantic import SemanticAccuracy
 
         images = decoder.to(self.device).decode(generated, guidance=self.eval_guidance, steps=self.eval_sample_steps,
                                                  generator=torch.Generator().manual_seed(0))      # (B,3,S,S) [0,1]
-        self._eval_metric(f"{name}|t2i", lambda: SemanticAccuracy(judge)).update(images, scenes)
+        self.metrics.metric(name, "t2i", classifier=judge).update(images, scenes)
         edits = [i for i, src in enumerate(sources or []) if src is not None]
         if edits:   # the same images, judged as edits of their sources
-            from emu_lightning.metrics.edit import EditAccuracy
-
-            self._eval_metric(f"{name}|edit", lambda: EditAccuracy(judge)).update(
+            self.metrics.metric(name, "edit", classifier=judge).update(
                 images[edits], [scenes[i] for i in edits], [sources[i] for i in edits])
         rows = self.__dict__.setdefault("eval_images", {}).setdefault(name, [])
         if not rows:
@@ -149,17 +136,7 @@ class MultimodalEval:
         return tuple(parts) if parts else (None, None)
 
     def _eval_epoch_end(self) -> None:
-        for key, metric in getattr(self, "eval_metrics", {}).items():
-            if not metric.update_called:  # a set of the other loop (test vs val)
-                continue
-            name, what = key.split("|")
-            value = metric.compute()
-            if isinstance(value, dict):
-                for sub, v in value.items():
-                    self.log(f"{name}/{what}_{sub}", v, add_dataloader_idx=False)
-            else:
-                self.log(f"{name}/{what}", value, add_dataloader_idx=False)
-            metric.reset()
+        self.metrics.log_and_reset()
 
     def on_validation_epoch_start(self) -> None:
         self.eval_samples: dict[str, list] = {}

@@ -9,11 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from components.losses.text import text_loss
-from emu_lightning.metrics.attributes import SceneAttributeAccuracy
-from emu_lightning.metrics.cider import CIDErD
+from emu_lightning.metrics.registry import MetricStore
 from emu_lightning.systems.base import EmuSystem
 
 
@@ -30,7 +29,7 @@ class Stage1System(EmuSystem):
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.max_new_tokens, self.num_beams, self.num_samples = max_new_tokens, num_beams, num_samples
-        self.metrics = nn.ModuleDict()            # "<set>_<decode>" → metric, made on first use
+        self.metrics = MetricStore(self)          # (set, metric, decode) → metric, made on first use
         self.eval_samples: dict[str, list] = {}   # set → [(image, caption, reference)]
         self.counters = {"truncated": 0}           # captions cut at max_length so far (checkpointed)
 
@@ -77,31 +76,17 @@ class Stage1System(EmuSystem):
         decodes = {"greedy": 1} | ({"beam": self.num_beams} if self.num_beams > 1 else {})
         for decode, beams in decodes.items():
             preds = self.caption(None, batch["prompt_ids"], beams, visual=visual)
-            self._metric(f"{name}_{decode}_cider", CIDErD).update(preds, batch["captions"])
+            # <set>/cider_<decode>; on scenes <set>/<attribute>_acc_<decode> (metrics/registry.py)
+            self.metrics.metric(name, "cider", decode).update(preds, batch["captions"])
             if "scenes" in batch:
-                self._metric(f"{name}_{decode}_attr", SceneAttributeAccuracy).update(preds, batch["scenes"])
+                self.metrics.metric(name, "attributes", decode).update(preds, batch["scenes"])
             if decode == "greedy":
                 kept = self.eval_samples.setdefault(name, [])
                 for i in range(min(B, self.num_samples - len(kept))):
                     kept.append((batch["pixel_values"][i].cpu(), preds[i], batch["captions"][i][0]))
 
-    def _metric(self, key: str, cls: type) -> nn.Module:
-        if key not in self.metrics:
-            self.metrics[key] = cls().to(self.device)
-        return self.metrics[key]
-
     def _eval_epoch_end(self) -> None:
-        for key, metric in self.metrics.items():
-            if not metric.update_called:  # a set of the other loop (test vs val)
-                continue
-            name, decode, kind = key.rsplit("_", 2)
-            value = metric.compute()
-            if kind == "cider":
-                self.log(f"{name}/cider_{decode}", value, add_dataloader_idx=False)
-            else:
-                for attr, acc in value.items():
-                    self.log(f"{name}/{attr}_acc_{decode}", acc, add_dataloader_idx=False)
-            metric.reset()
+        self.metrics.log_and_reset()
 
     def on_validation_epoch_start(self) -> None:
         self.eval_samples = {}

@@ -33,6 +33,7 @@ from components.losses.regression import OBJECTIVES, regression_loss
 from components.losses.text import token_ce
 from components.multimodal import image_run_index
 from emu_lightning.data.layout.sequence import SequenceCollator, pad
+from emu_lightning.metrics.registry import MetricStore
 from emu_lightning.systems.base import EmuSystem
 from emu_lightning.systems.multimodal_eval import MultimodalEval
 
@@ -103,6 +104,7 @@ class Stage2System(MultimodalEval, EmuSystem):
         self.max_new_tokens, self.answer_max_new_tokens, self.num_beams = max_new_tokens, answer_max_new_tokens, num_beams
         self.counters = {"truncated": 0, "skipped": 0}
         self.eval_samples: dict[str, list] = {}  # set → [(image, zero-shot caption, reference)] for SampleLog
+        self.metrics = MetricStore(self)           # (set, metric, variant) → metric, made on first use
         self.eval_guidance, self.eval_sample_steps = eval_guidance, eval_sample_steps
         self._eval_generation: list = []          # [decoder, judge]: in a list, so neither becomes a submodule
         if bool(eval_decoder) != bool(eval_judge):
