@@ -67,8 +67,19 @@ class PromptedModel:
             raise ValueError(f"{shots}-shot prompts need a pretrained stage-2 model; a {self.kind} model is "
                              f"evaluated zero-shot (--shots 0)")
 
-    def _prepared(self, sample: dict) -> dict:
-        return {**sample, "image": self.pixels(sample["image"])}
+    def prompt(self, task: str, query: dict, demos: Sequence[dict] = ()) -> list[tuple[str, Any]]:
+        """The segments of one query's prompt after its demonstrations (the table of the module docstring)."""
+        if self.kind == "captioner":
+            return [("image", query["image"])]
+        if self.kind == "chat":
+            return instruct_segments(task, query, self.system.template)
+        return few_shot_segments(task, list(demos), query)
+
+    @staticmethod
+    def cut(task: str, text: str) -> str:
+        """A generated text cut as the papers read it: a caption at its first line break, an answer at its first
+        period or line break."""
+        return text.split("\n")[0].strip() if task == "caption" else first_answer(text)
 
     @torch.no_grad()
     def generate(self, task: str, queries: Sequence[dict], demos: Sequence[Sequence[dict]] | None = None) -> list[str]:
@@ -76,24 +87,75 @@ class PromptedModel:
         `{"image", "question", "answers"}`), cut as the module docstring says."""
         demos = demos if demos is not None else [[] for _ in queries]
         self.check(task, max((len(d) for d in demos), default=0))
-        queries = [self._prepared(q) for q in queries]
-        s = self.system
-        if self.kind == "captioner":
-            from emu_lightning.data.layout.collate import image_block
+        texts = self.complete([self.prompt(task, q, ds) for ds, q in zip(demos, queries)])
+        return [self.cut(task, t) for t in texts]
 
-            ids = [s.ids.bos, *image_block(s.ids, s.num_image_tokens)]
-            s.max_new_tokens = self.max_new_tokens     # Stage1System.caption reads its own attribute
-            pixels = torch.stack([q["image"] for q in queries]).to(s.device)
-            texts = s.caption(pixels, torch.tensor([ids] * len(queries), device=s.device), self.num_beams)
-        else:
-            if self.kind == "chat":
-                prompts = [instruct_segments(task, q, s.template) for q in queries]
-            else:
-                prompts = [few_shot_segments(task, [self._prepared(d) for d in ds], q) for ds, q in zip(demos, queries)]
-            texts = s.generate_text(prompts, self.max_new_tokens, self.num_beams)
-        if task == "caption":
-            return [t.split("\n")[0].strip() for t in texts]
-        return [first_answer(t) for t in texts]
+    def _segments(self, prompt: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        return [(k, self.pixels(v)) if k == "image" else (k, v) for k, v in prompt]
+
+    @torch.no_grad()
+    def complete(self, prompts: Sequence[Sequence[tuple[str, Any]]], max_new_tokens: int | None = None,
+                 num_beams: int | None = None) -> list[str]:
+        """The uncut continuation of each prompt, given as segments (`("image", PIL image | tensor)`,
+        `("text" | "prompt", str)`; `prompt`'s output or any other). A captioner's only prompt is its image
+        (`<s>[IMG]<image>×N[/IMG]`): each of its prompts must be exactly one image."""
+        s = self.system
+        max_new_tokens, num_beams = max_new_tokens or self.max_new_tokens, num_beams or self.num_beams
+        prompts = [self._segments(p) for p in prompts]
+        if self.kind != "captioner":
+            return s.generate_text(prompts, max_new_tokens, num_beams)
+        from emu_lightning.data.layout.collate import image_block
+
+        if any(len(p) != 1 or p[0][0] != "image" for p in prompts):
+            raise ValueError("a stage-1 captioner's only prompt is one image (<s>[IMG]<image>×N[/IMG]); got "
+                             + str(next([k for k, _ in p] for p in prompts if len(p) != 1 or p[0][0] != "image")))
+        ids = [s.ids.bos, *image_block(s.ids, s.num_image_tokens)]
+        s.max_new_tokens = max_new_tokens     # Stage1System.caption reads its own attribute
+        pixels = torch.stack([p[0][1] for p in prompts]).to(s.device)
+        return s.caption(pixels, torch.tensor([ids] * len(prompts), device=s.device), num_beams)
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[Sequence[tuple[str, Any]]], continuations: Sequence[str]
+              ) -> list[tuple[float, bool]]:
+        """Per prompt, log p(continuation | prompt) summed over the continuation's tokens, and whether greedy
+        decoding gives exactly those tokens (lm-evaluation-harness's `loglikelihood`, docs/evaluation.md).
+
+        The prompt's last text and the continuation are tokenized as one string, the continuation's tokens being
+        those that overlap its characters: the way a chat answer is masked in training
+        (`SequenceCollator._encode_run`), so the split does not depend on the tokenizer. The prompt reads as in
+        `complete` (a captioner's: its image alone), the continuation follows it directly.
+        """
+        from emu_lightning.data.layout.collate import IGNORE
+        from emu_lightning.data.layout.sequence import SequenceCollator, pad
+
+        s = self.system
+        collate = s.collator() if hasattr(s, "collator") else SequenceCollator(s.tokenizer, s.num_image_tokens)
+        seqs, targets, images = [], [], []
+        for prompt, continuation in zip(prompts, continuations, strict=True):
+            if not continuation:
+                raise ValueError("an empty continuation has no tokens to score")
+            segs = [("prompt", v) if k == "text" else (k, v) for k, v in self._segments(prompt)]
+            ids, labels, ims, _ = collate.encode([*segs, ("answer", continuation)], close=False, limit=10**9)
+            seqs.append(ids)
+            targets.append(labels)
+            images += ims
+        ids, mask = pad(seqs, s.ids.pad)                                                  # (B,T) right-padded
+        labels = pad(targets, IGNORE)[0].to(s.device)                                     # (B,T)
+        ids, mask = ids.to(s.device), mask.to(s.device)
+        visual = (s.encode_images(torch.stack(images).to(s.device)) if images
+                  else torch.zeros(0, s.num_image_tokens, s.llm.hidden_dim, device=s.device))
+        hidden, _ = s.llm(s.embed_multimodal(ids, visual), mask)                          # (B,T,D_llm)
+        scored = labels[:, 1:] != IGNORE                                                  # (B,T-1): t predicts t+1
+        if int(scored.any(-1).sum()) != len(seqs):
+            raise ValueError(f"continuation {continuations[int((~scored.any(-1)).nonzero()[0])]!r} gave no token")
+        logp = s.llm.logits(hidden[:, :-1][scored]).float().log_softmax(-1)               # (K,V)
+        wanted = labels[:, 1:][scored]                                                    # (K,)
+        token_lp = logp.gather(-1, wanted[:, None])[:, 0]                                 # (K,)
+        hit = logp.argmax(-1) == wanted                                                   # (K,)
+        row = scored.nonzero()[:, 0]                                                      # (K,) sequence of each
+        total = torch.zeros(len(seqs), device=s.device).index_add_(0, row, token_lp)         # (B,)
+        misses = torch.zeros(len(seqs), device=s.device).index_add_(0, row, (~hit).float())  # (B,)
+        return [(float(t), m == 0) for t, m in zip(total.tolist(), misses.tolist())]
 
     @torch.no_grad()
     def features(self, images: Sequence[Image.Image | Tensor]) -> Tensor:
