@@ -39,6 +39,27 @@ class StepMarker(L.Callback):
         time.sleep(self.pause)
 
 
+class BatchIds(L.Callback):
+    """After each training step, append `<epoch> <step> <id,id,...>` (the batch's sample ids) to `<folder>/ids_rank<r>`
+    for this process's rank r: the per-rank sample order a resume must reproduce."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with open(Path(self.folder) / f"ids_rank{trainer.global_rank}", "a") as f:
+            f.write(f"{trainer.current_epoch} {trainer.global_step} {','.join(map(str, batch['ids']))}\n")
+
+
+def read_ids(folder: str | Path, rank: int) -> list[tuple[int, int, list[str]]]:
+    """`BatchIds`' rows of rank `rank`: (epoch, step, ids)."""
+    rows = []
+    for line in (Path(folder) / f"ids_rank{rank}").read_text().splitlines():
+        epoch, step, ids = line.split(" ")
+        rows.append((int(epoch), int(step), ids.split(",")))
+    return rows
+
+
 class SlowCheckpointIO(SafeCheckpointIO):
     """SafeCheckpointIO whose every save after the first writes half the bytes, marks `<marks>.saving`, and
     stalls `stall` s before the rest: the window a test kills the process in."""

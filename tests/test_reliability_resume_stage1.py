@@ -59,8 +59,11 @@ def test_stage1_resume_mid_epoch_gives_identical_weights(tmp_path, crash_at, num
     saved = safe_load(ckpt)
     step = (crash_at - 1) // 2 * 2                  # checkpoints every 2 steps: 4 (epoch 0) or 6 (epoch 1)
     assert saved["global_step"] == step
-    position = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    saved_loader = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert saved_loader["world_size"] == 1, saved_loader
+    position = saved_loader["ranks"][0]
     assert position["batches"] == step % EPOCH and position["batch_size"] == BATCH, position
+    assert position["samples"] == step % EPOCH * BATCH, position
     assert_same_weights(ref, _fit(tmp_path, "cut", num_workers, ckpt=ckpt))
 
     # The comparison has teeth: the same resume without the saved position trains on other batches.

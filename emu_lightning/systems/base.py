@@ -23,6 +23,7 @@ from emu_lightning.checkpoints.io import rng_state, set_rng_state
 from emu_lightning.checkpoints.handoff import load_parts
 from emu_lightning.data.layout.tokenizer import load_tokenizer
 from emu_lightning.data.layout.tokens import SpecialIds
+from emu_lightning.data.modules.ranks import gather, rank_world
 from emu_lightning.systems.guard import NonFiniteGuard
 from emu_lightning.systems.policy import StagePolicy
 
@@ -190,8 +191,11 @@ class PartsSystem(L.LightningModule):
     # --- checkpoint state: guard, counters, RNG ----------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Every rank builds the checkpoint and rank 0 writes it: each rank's RNG rides along (`rng_ranks`), so each
+        # resumes its own draws (docs/scale.md).
+        rngs = gather(rng_state())
         checkpoint["emu_state"] = {"guard": self.guard.state_dict(), "counters": dict(self.counters),
-                                   "rng": rng_state()}
+                                   "rng": rngs[0], **({"rng_ranks": rngs} if len(rngs) > 1 else {})}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("emu_state")
@@ -199,7 +203,10 @@ class PartsSystem(L.LightningModule):
             return  # a checkpoint from before this state was saved: weights and loops only
         self.guard.load_state_dict(state["guard"])
         self.counters.update(state["counters"])
-        self._rng_to_restore = state["rng"]
+        rank, world = rank_world()
+        rngs = state.get("rng_ranks")
+        # Another number of ranks (a re-sharded map-style resume): rank 0's RNG, as before per-rank states.
+        self._rng_to_restore = rngs[rank] if rngs is not None and len(rngs) == world else state["rng"]
 
     def on_train_start(self) -> None:
         # Restored here, not at load: building the train DataLoader iterator draws from the torch RNG, which the

@@ -4,7 +4,8 @@ The papers batch *per source per step* (Emu2 stage 2: image-text 12800, video 64
 Recipe weights become per-step counts by largest remainder, so a source's share is exact at every step
 and its loss can be logged on its own. Map-style sources are read in a fresh seeded permutation each pass,
 sharded over ranks and workers; an iterable source (tar shards) shards itself, as the reader the mixture
-names (`iter_shard(reader, readers)`), and is restarted when it ends. Each yielded item is one whole step's
+names: a resumable one (`stream(reader, readers, position)`, e.g. `WebDatasetPairs`) is endless and names its
+position, another (`iter_shard(reader, readers)`) is restarted when it ends. Each yielded item is one whole step's
 list of documents, laid out and image-transformed in the worker.
 
 Resumable: each step carries the position of its reader after it (`Step.state`: per source the pass and the
@@ -12,7 +13,8 @@ offset in it, and the step count). The layouts' random draws (caption pick, text
 generator seeded by (seed, reader, step), not from the process RNG, so a step is a pure function of that
 position. `ResumableLoader` records the state of each step the model actually trained on and Lightning saves
 it in the checkpoint; on resume every reader starts where its last consumed step ended, and DataLoader workers
-take the roles they would have had next, so the resumed stream is the uninterrupted one, batch for batch.
+take the roles they would have had next, so the resumed stream is the uninterrupted one, batch for batch. On several
+ranks the checkpoint holds every rank's readers (docs/scale.md, "Resuming on several ranks").
 """
 from __future__ import annotations
 
@@ -23,10 +25,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from emu_lightning.data.layout.sequence import Layout, SkipSample
+from emu_lightning.data.modules.ranks import check_world, gather, own_readers, rank_world, reader_role
 
 
 def step_counts(weights: dict[str, float], batch_size: int) -> dict[str, int]:
@@ -43,17 +45,6 @@ def step_counts(weights: dict[str, float], batch_size: int) -> dict[str, int]:
         raise ValueError(f"sources {empty} get 0 of batch_size={batch_size} samples per step with weights "
                          f"{weights}: raise batch_size or their weight")
     return counts
-
-
-def _shard(offset: int = 0) -> tuple[int, int, int]:
-    """(this reader's index, number of readers, workers per rank) over ranks × DataLoader workers.
-
-    `offset` rotates the workers' roles: after a resume at consumed step S the DataLoader starts at worker 0,
-    which must play the reader whose batch came next (S mod workers)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    info = get_worker_info()
-    wid, nw = (info.id, info.num_workers) if info else (0, 1)
-    return rank * nw + (wid + offset) % nw, world * nw, nw
 
 
 class Step(list):
@@ -85,10 +76,17 @@ class SourceMixture(IterableDataset):
         """Samples of source `name` from `pos` = [pass, offset in this reader's slice of it]; `pos` is advanced
         in place before each sample is handed out, so it always names the next one."""
         ds = self.sources[name]
+        if isinstance(ds, IterableDataset) and hasattr(ds, "stream"):
+            # A resumable stream (e.g. WebDatasetPairs): endless, it names the position after each sample itself and
+            # starts from one without re-reading what came before it.
+            for sample, (pass_, drawn) in ds.stream(me, readers, (pos[0], pos[1])):
+                pos[0], pos[1] = pass_, drawn
+                yield sample
+            return
         for epoch in itertools.count(pos[0]):
             if isinstance(ds, IterableDataset):
                 # Shards itself; a resume re-reads `offset` samples. After a resume a worker plays another reader
-                # (`_shard`), so a source that can be told which one (`iter_shard`, e.g. WebDatasetPairs) is told.
+                # (`reader_role`), so a source that can be told which one (`iter_shard`) is told.
                 stream = ds.iter_shard(me, readers) if hasattr(ds, "iter_shard") else iter(ds)
                 items = itertools.islice(stream, pos[1], None)
             else:
@@ -110,29 +108,21 @@ class SourceMixture(IterableDataset):
         except SkipSample as err:
             return err
 
-    def _start(self, me: int, readers: int, nw: int) -> dict:
-        """This reader's starting position: fresh, or the one recorded in `resume`."""
+    def _start(self, me: int) -> dict:
+        """This reader's starting position: fresh, or the one recorded in `resume` (a reader with none there had
+        consumed no step yet)."""
         fresh = {"step": 0, "sources": {name: [0, 0] for name in self.counts}}
-        if self.resume is None:
-            return fresh
-        if self.resume["workers"] != nw:
-            raise ValueError(f"the checkpoint's data position was saved with {self.resume['workers']} DataLoader "
-                             f"workers, this run has {nw}: set num_workers={self.resume['workers']} to resume exactly")
-        if str(me) not in self.resume["readers"] and me >= nw:
-            # Lightning saves rank 0's loader state only: other ranks' readers cannot be placed exactly.
-            warnings.warn(f"reader {me} (a rank > 0) has no saved data position in the checkpoint: it restarts its "
-                          f"stream from the beginning (exact resume covers rank 0's readers only)")
-        state = self.resume["readers"].get(str(me), fresh)
+        state = (self.resume or {}).get("readers", {}).get(str(me), fresh)
         if set(state["sources"]) != set(self.counts):
             raise ValueError(f"the checkpoint's data position covers sources {sorted(state['sources'])}, this run "
                              f"reads {sorted(self.counts)}")
         return {"step": state["step"], "sources": {k: list(v) for k, v in state["sources"].items()}}
 
     def __iter__(self) -> Iterator[Step]:
-        me, readers, nw = _shard(self.resume["offset"] if self.resume else 0)
-        state = self._start(me, readers, nw)
+        me, readers, nw = reader_role(self.resume["offset"] if self.resume else 0)
+        state = self._start(me)
         blind = [n for n, ds in self.sources.items()
-                 if isinstance(ds, IterableDataset) and not hasattr(ds, "iter_shard")]
+                 if isinstance(ds, IterableDataset) and not hasattr(ds, "iter_shard") and not hasattr(ds, "stream")]
         if blind and self.resume and self.resume["offset"] % nw:
             warnings.warn(f"streamed sources {blind} shard by worker id and take no reader role (`iter_shard`): "
                           f"after this resume their workers read other readers' samples (not the exact stream)")
@@ -184,27 +174,63 @@ class SourceMixture(IterableDataset):
 
 
 class ResumableLoader(DataLoader):
-    """DataLoader over a `SourceMixture` whose position Lightning keeps in checkpoints (`state_dict`).
+    """DataLoader over a stream whose items carry their reader's position, kept in checkpoints (`state_dict`): a
+    `SourceMixture` (each item a whole step) or stage 1's resumable caption stream (batched here).
 
-    The loader runs ahead of training (workers, Lightning's prefetch), so the position is not what it yielded
-    but what the model consumed: the datamodule reports each training batch's `stream_state` via `consumed`.
+    The loader runs ahead of training (workers, Lightning's prefetch), so the position is not what it yielded but
+    what the model consumed: the datamodule reports each training batch's `stream_state` via `consumed`. Each
+    `__iter__` (an epoch) starts every reader where its last consumed batch left it, the workers in the roles they
+    would have had next; a stream with epochs therefore needs fresh workers each epoch (`persistent_workers=False`).
+
+    On several ranks `state_dict` gathers every rank's readers into the checkpoint and `load_state_dict` keeps this
+    rank's; a checkpoint from another number of ranks (or of workers) is refused, naming both (docs/scale.md).
     """
 
-    def __init__(self, dataset: SourceMixture, **kwargs: Any):
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self.readers: dict[str, dict] = {}   # reader index → state after its last consumed step
-        self.steps = 0                       # steps consumed since the stream began
+    def __init__(self, dataset: IterableDataset, **kwargs: Any):
+        kwargs.setdefault("batch_size", None)
+        super().__init__(dataset, **kwargs)
+        self.readers: dict[str, dict] = {}   # reader index → its position after its last consumed batch
+        self.steps = 0                       # batches consumed since the stream began (on this rank)
+        self.epoch = 0                       # the epoch being read (its `__iter__` count, restored on resume)
+        self._next_epoch = 0
+        self.workers = max(1, self.num_workers)
 
     def consumed(self, state: dict) -> None:
-        self.readers[str(state["reader"])] = {"step": state["step"], "sources": state["sources"]}
+        self.readers[str(state["reader"])] = {k: v for k, v in state.items() if k not in ("reader", "workers")}
         self.steps += 1
-        self.workers = state["workers"]
+
+    def __iter__(self):
+        self.epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+        self.dataset.resume = {"readers": dict(self.readers), "workers": self.workers,
+                               "offset": self.steps % self.workers, "epoch": self.epoch}
+        return super().__iter__()
+
+    def _local_state(self) -> dict:
+        return {"steps": self.steps, "epoch": self.epoch, "workers": self.workers, "readers": dict(self.readers)}
+
+    @staticmethod
+    def merge(ranks: list[dict]) -> dict:
+        """One checkpoint entry from every rank's `_local_state` (in rank order): the readers of all ranks. The ranks
+        consume batches in lockstep, so their step and epoch counts agree; a disagreement is an error."""
+        counts = [(r["steps"], r["epoch"], r["workers"]) for r in ranks]
+        if len(set(counts)) != 1:
+            raise RuntimeError(f"the ranks' training loaders disagree on (steps consumed, epoch, workers): {counts}; "
+                               "every rank must train the same number of batches")
+        steps, epoch, workers = counts[0]
+        readers = {k: v for r in ranks for k, v in r["readers"].items()}
+        return {"steps": steps, "epoch": epoch, "workers": workers, "offset": steps % workers,
+                "world_size": len(ranks), "readers": readers}
 
     def state_dict(self) -> dict:
-        workers = getattr(self, "workers", max(1, self.num_workers))
-        return {"steps": self.steps, "workers": workers, "offset": self.steps % workers, "readers": self.readers}
+        return self.merge(gather(self._local_state()))
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps, self.readers = state["steps"], dict(state["readers"])
-        self.workers = state["workers"]
-        self.dataset.resume = state
+        rank, world = rank_world()
+        check_world(state.get("world_size", 1), world, "data stream")
+        if state["workers"] != self.workers:
+            raise ValueError(f"the checkpoint's data position was saved with {state['workers']} DataLoader workers "
+                             f"per rank, this run has {self.workers}: set num_workers={state['workers']} to resume "
+                             f"exactly (each worker is a reader with its own shards and place in them)")
+        self.steps, self.workers = state["steps"], state["workers"]
+        self.readers = own_readers(state["readers"], rank, self.workers)
+        self.epoch = self._next_epoch = state.get("epoch", 0)

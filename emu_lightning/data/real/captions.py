@@ -9,7 +9,9 @@ dependency); a bad stream sample is skipped *and counted*, and too many bad samp
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import random
 import re
 import tarfile
 import warnings
@@ -17,11 +19,11 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from emu_lightning.data.layout.sequence import SkipSample
+from emu_lightning.data.modules.ranks import rank_world
 from emu_lightning.data.real.images import UNDECODABLE, check_image_files, open_rgb
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -146,19 +148,40 @@ def _split_key(name: str) -> tuple[str, str]:
 class WebDatasetPairs(IterableDataset):
     """Image-text pairs from local webdataset tar shards (``KEY.jpg`` + ``KEY.txt``/``KEY.json``).
 
-    Shards are dealt round-robin to (rank, worker) so each sample is read once per epoch.
-    Skipped samples are counted in ``self.stats`` (``seen``, ``ok``, ``skipped/<reason>``) and
-    warned about by key. Stats are per process: with DataLoader workers each worker holds its
-    own copy and checks its own bad fraction. ``stats`` resets at each ``__iter__``.
+    Readers are the (rank, DataLoader worker) pairs. Each *pass* over the data deals the shards round-robin to the
+    readers: in their listed order, or, with ``shuffle``, in an order drawn from (``seed``, pass). A reader's
+    samples then go through a shuffle buffer of ``shuffle`` samples whose draws come from (``seed``, pass, reader).
+    Both are functions of those numbers alone, so any process can rebuild any reader's stream (docs/scale.md).
+
+    - Iterating the dataset reads one pass (pass 0), each sample once; with ``epoch_samples``, each iteration reads
+      the next ``epoch_samples // readers`` samples of the endless stream instead (see below).
+    - ``stream`` is what training reads: endless, pass after pass (a reader whose shards run out starts its next
+      pass), each sample with its position ``(pass, draws)``. Started from a position, it replays only the tar
+      headers and the buffer's draws before it, reading and decoding no image, so a checkpoint holds two integers
+      per reader.
+    - ``epoch_samples``: equal epochs on every rank. Each of the R readers yields ``epoch_samples // R`` samples
+      per epoch (stage 1 rounds it down to whole batches) from its endless stream, so every rank trains the same
+      number of steps per epoch even when the shards hold different numbers of samples. None: one endless epoch
+      (training ends at ``max_steps``).
+
+    Skipped samples are counted in ``self.stats`` (``seen``, ``ok``, ``skipped/<reason>``) and warned about by key;
+    each yielded sample carries the skips since the previous one (``sample["skipped"]``). Stats are per process (each
+    DataLoader worker checks its own bad fraction) and reset when an iteration or a stream starts.
     """
 
     def __init__(
-        self, urls: str | list[str], max_bad_fraction: float = 0.1, min_samples_for_check: int = 20
+        self, urls: str | list[str], max_bad_fraction: float = 0.1, min_samples_for_check: int = 20,
+        shuffle: int = 0, seed: int = 0, epoch_samples: int | None = None,
     ) -> None:
         """Args:
         urls: shard path, brace pattern (``shard-{000..003}.tar``) or list of them.
         max_bad_fraction: abort once skipped / seen exceeds this (after ``min_samples_for_check``).
         min_samples_for_check: samples seen before the bad fraction is enforced.
+        shuffle: shuffle-buffer size in samples (0: the shards' order, and the shards dealt in listed order);
+            it also shuffles the shard order of every pass.
+        seed: seed of the shard order and of the buffer's draws.
+        epoch_samples: samples per epoch over all readers (None: one endless epoch in training, one pass when
+            iterated).
         """
         self.shards = expand_urls(urls)
         if not self.shards:
@@ -168,66 +191,192 @@ class WebDatasetPairs(IterableDataset):
             raise FileNotFoundError(f"WebDatasetPairs: {len(missing)} shard(s) missing, first: {missing[0]}")
         if not 0.0 <= max_bad_fraction < 1.0:
             raise ValueError(f"max_bad_fraction={max_bad_fraction}; expected in [0, 1)")
+        if isinstance(shuffle, bool) or not isinstance(shuffle, int) or shuffle < 0:
+            raise ValueError(f"WebDatasetPairs: shuffle={shuffle!r}; expected a buffer size in samples, >= 0 "
+                             "(0: no shuffle)")
+        if epoch_samples is not None and (isinstance(epoch_samples, bool) or not isinstance(epoch_samples, int)
+                                          or epoch_samples < 1):
+            raise ValueError(f"WebDatasetPairs: epoch_samples={epoch_samples!r}; expected a positive number of "
+                             "samples per epoch, or None (one endless epoch)")
         self.max_bad_fraction, self.min_samples_for_check = max_bad_fraction, min_samples_for_check
+        self.shuffle, self.seed, self.epoch_samples = shuffle, seed, epoch_samples
         self.stats: Counter = Counter()
+        self._pending: Counter = Counter()
+        self._quiet = False                    # replaying up to a resume position: no warnings, no counts
+        self._live: dict[int, tuple[int, int]] = {}   # reader → position where its last epoch (`__iter__`) ended
 
-    def my_shards(self, reader: int | None = None, readers: int | None = None) -> list[str]:
-        """Reader ``reader`` of ``readers``'s shards: every ``readers``-th from index ``reader``.
-
-        By default the reader is the (rank, DataLoader worker) running this: rank * workers + worker id of
-        world * workers. The stage-2 mixture names the reader instead, since after a resume a worker plays
-        another worker's role (`mixture._shard`) and must read that reader's shards.
-        """
+    def _role(self, reader: int | None, readers: int | None) -> tuple[int, int]:
+        """(reader, readers), by default the (rank, DataLoader worker) running this: rank * workers + worker id of
+        world * workers. The stage-2 mixture and stage 1's stream name the reader instead, since after a resume a
+        worker plays another worker's role (`ranks.reader_role`) and must read that reader's shards."""
         if reader is None or readers is None:
-            rank, world = 0, 1
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            rank, world = rank_world()
             info = get_worker_info()
             wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
             reader, readers = rank * nworkers + wid, world * nworkers
+        return reader, readers
+
+    def pass_shards(self, pass_: int, reader: int | None = None, readers: int | None = None) -> list[str]:
+        """Reader ``reader`` of ``readers``'s shards in pass ``pass_``: every ``readers``-th of the pass's shard order
+        (the listed order; with ``shuffle`` a permutation drawn from (seed, pass)) from index ``reader``."""
+        reader, readers = self._role(reader, readers)
+        shards = list(self.shards)
+        if self.shuffle:
+            random.Random(f"shards/{self.seed}/{pass_}").shuffle(shards)
+        return shards[reader::readers]
+
+    def my_shards(self, reader: int | None = None, readers: int | None = None) -> list[str]:
+        """The shards of one iteration (pass 0) of reader ``reader`` of ``readers`` (default: the running one)."""
+        reader, readers = self._role(reader, readers)
         if readers > len(self.shards):
             warnings.warn(f"WebDatasetPairs: {len(self.shards)} shards < {readers} readers (rank x worker)")
-        return self.shards[reader::readers]
+        return self.pass_shards(0, reader, readers)
+
+    def reader_budget(self, readers: int, multiple: int = 1) -> int | None:
+        """Samples each of ``readers`` readers yields per epoch: ``epoch_samples // readers`` rounded down to a
+        multiple of ``multiple`` (a batch); None without ``epoch_samples`` (endless)."""
+        if self.epoch_samples is None:
+            return None
+        n = self.epoch_samples // readers // multiple * multiple
+        if n == 0:
+            raise ValueError(f"WebDatasetPairs: epoch_samples={self.epoch_samples} over {readers} readers (ranks x "
+                             f"DataLoader workers) leaves less than one batch of {multiple} per reader; raise "
+                             f"epoch_samples to at least {readers * multiple}")
+        return n
 
     def __iter__(self) -> Iterator[dict]:
-        return self.iter_shard()
+        if self.epoch_samples is None:
+            return self.iter_shard()
+        return self._epoch()
+
+    def _epoch(self) -> Iterator[dict]:
+        """The running reader's next ``reader_budget`` samples, continuing where its previous epoch in this process
+        ended (with DataLoader workers, `persistent_workers` keeps that place between epochs)."""
+        reader, readers = self._role(None, None)
+        stream = self.stream(reader, readers, self._live.get(reader, (0, 0)))
+        for sample, position in itertools.islice(stream, self.reader_budget(readers)):
+            self._live[reader] = position
+            yield sample
 
     def iter_shard(self, reader: int | None = None, readers: int | None = None) -> Iterator[dict]:
-        """The samples of `my_shards(reader, readers)`, in order (``__iter__``: the running worker's)."""
+        """One pass (pass 0) of `my_shards(reader, readers)` (``__iter__``: the running worker's), each sample once."""
+        reader, readers = self._role(reader, readers)
+        self.my_shards(reader, readers)           # warns when some readers get no shard
         self.stats, self._pending = Counter(), Counter()
-        for shard in self.my_shards(reader, readers):
-            try:
-                for key, files in self._groups(shard):
-                    sample = self._decode(shard, key, files)
-                    if sample is not None:
-                        # the skips since the last sample ride on this one: the training process counts them
-                        sample["skipped"], self._pending = dict(self._pending), Counter()
-                        yield sample
-            except (tarfile.TarError, EOFError, OSError) as err:
-                # A truncated or corrupt shard: what was read is kept, the rest of the shard is skipped and counted.
-                self.stats["skipped/bad_shard"] += 1
-                self._pending["bad_shard"] += 1
-                warnings.warn(f"{shard}: unreadable tar past sample {self.stats['seen']} ({type(err).__name__}: "
-                              f"{err}); the rest of this shard is skipped")
+        for sample, _ in self._pass(0, reader, readers, 0):
+            yield sample
+        self._check_some_read()
+
+    def stream(self, reader: int | None = None, readers: int | None = None,
+               start: tuple[int, int] = (0, 0)) -> Iterator[tuple[dict, tuple[int, int]]]:
+        """Endless: ``(sample, (pass, draws))`` pairs from position ``start``, the position after each sample (its
+        pass and the buffer draws made in that pass, skipped samples included)."""
+        reader, readers = self._role(reader, readers)
+        if readers > len(self.shards):
+            raise ValueError(f"WebDatasetPairs: {len(self.shards)} shard(s) for {readers} readers (ranks x DataLoader "
+                             f"workers): each pass deals whole shards, so every reader needs one; write at least "
+                             f"{readers} shards or use fewer workers")
+        pass_, skip = int(start[0]), int(start[1])
+        self.stats, self._pending = Counter(), Counter()
+        while True:
+            for sample, drawn in self._pass(pass_, reader, readers, skip):
+                yield sample, (pass_, drawn)
+            self._check_some_read()
+            if self._pass_groups == 0:
+                raise RuntimeError(f"WebDatasetPairs: reader {reader} of {readers} found no sample in pass {pass_}'s "
+                                   f"shards {self.pass_shards(pass_, reader, readers)}: an endless stream needs some")
+            pass_, skip = pass_ + 1, 0
+
+    def _check_some_read(self) -> None:
         if self.stats["seen"] and not self.stats["ok"]:
             n_seen = self.stats["seen"]
             raise RuntimeError(f"WebDatasetPairs: all {n_seen} samples skipped; {dict(self.stats)}")
 
-    def _groups(self, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """Consecutive tar members sharing a key, as ``(key, {ext: bytes})``."""
-        key, files = None, {}
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = _split_key(member.name)
-                if k != key and key is not None:
-                    yield key, files
-                    files = {}
-                key = k
-                files[ext] = tar.extractfile(member).read()
-        if key is not None:
-            yield key, files
+    def _pass(self, pass_: int, reader: int, readers: int, skip: int) -> Iterator[tuple[dict, int]]:
+        """Pass ``pass_`` of one reader: ``(sample, draws so far)``. The first ``skip`` draws are replayed (headers
+        only: no image read, decoded, warned about or counted)."""
+        rng = random.Random(f"buffer/{self.seed}/{pass_}/{reader}")
+        tars = _OpenTars()
+        self._quiet = skip > 0
+        drawn = 0
+
+        def draw(group: tuple[str, str, dict]) -> Iterator[tuple[dict, int]]:
+            nonlocal drawn
+            drawn += 1
+            if drawn == skip:              # replayed up to the position: from here on as the uninterrupted stream
+                self._quiet, self._pending = False, Counter()
+            if drawn <= skip:
+                return
+            files = self._read(tars, *group)
+            if files is None:
+                self.stats["seen"] += 1
+                sample = self._skip(group[0], group[1], "unreadable")
+            else:
+                sample = self._decode(group[0], group[1], files)
+            if sample is not None:
+                # the skips since the last sample ride on this one: the training process counts them
+                sample["skipped"], self._pending = dict(self._pending), Counter()
+                yield sample, drawn
+
+        buffer: list[tuple[str, str, dict]] = []
+        self._pass_groups = 0
+        try:
+            for group in self._scan(self.pass_shards(pass_, reader, readers)):
+                self._pass_groups += 1
+                if self.shuffle > 1:
+                    if len(buffer) < self.shuffle:
+                        buffer.append(group)
+                        continue
+                    j = rng.randrange(len(buffer))
+                    group, buffer[j] = buffer[j], group
+                yield from draw(group)
+            while buffer:
+                j = rng.randrange(len(buffer))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                yield from draw(buffer.pop())
+        finally:
+            tars.close()
+            if drawn < skip:               # the whole pass was replayed: its skips were counted before the resume
+                self._pending = Counter()
+            self._quiet = False
+
+    def _scan(self, shards: list[str]) -> Iterator[tuple[str, str, dict[str, tarfile.TarInfo]]]:
+        """Consecutive tar members sharing a key, as ``(shard, key, {ext: member})``: headers only, no data read. A
+        truncated or corrupt shard keeps the samples before the damage; the rest is skipped and counted."""
+        for shard in shards:
+            key, members = None, {}
+            try:
+                with tarfile.open(shard) as tar:
+                    plain = isinstance(tar.fileobj, io.BufferedReader)   # uncompressed: check each member's extent
+                    size = Path(shard).stat().st_size
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        if plain and member.offset_data + member.size > size:
+                            raise tarfile.ReadError(f"unexpected end of data in {member.name!r}")
+                        k, ext = _split_key(member.name)
+                        if k != key and key is not None:
+                            yield shard, key, members
+                            members = {}
+                        key = k
+                        members[ext] = member
+                if key is not None:
+                    yield shard, key, members
+            except (tarfile.TarError, EOFError, OSError) as err:
+                if not self._quiet:
+                    self.stats["skipped/bad_shard"] += 1
+                    warnings.warn(f"{shard}: unreadable tar past sample {self.stats['seen']} ({type(err).__name__}: "
+                                  f"{err}); the rest of this shard is skipped")
+                self._pending["bad_shard"] += 1
+
+    def _read(self, tars: _OpenTars, shard: str, key: str,
+              members: dict[str, tarfile.TarInfo]) -> dict[str, bytes] | None:
+        """A group's files, read by offset from its shard; None when they cannot be read."""
+        try:
+            tar = tars.get(shard)
+            return {ext: tar.extractfile(m).read() for ext, m in members.items()}
+        except (tarfile.TarError, EOFError, OSError):
+            return None
 
     def _skip(self, shard: str, key: str, reason: str) -> None:
         self.stats[f"skipped/{reason}"] += 1
@@ -262,3 +411,22 @@ class WebDatasetPairs(IterableDataset):
             return self._skip(shard, key, "bad_image")
         self.stats["ok"] += 1
         return {"id": key, "image": image, "captions": [str(text).strip()]}
+
+
+class _OpenTars:
+    """The last few shards opened for reading samples by offset (a shuffle buffer draws from recent shards)."""
+
+    def __init__(self, size: int = 8):
+        self.size, self.open = size, {}
+
+    def get(self, shard: str) -> tarfile.TarFile:
+        tar = self.open.pop(shard, None) or tarfile.open(shard)
+        self.open[shard] = tar                    # most recent last
+        while len(self.open) > self.size:
+            self.open.pop(next(iter(self.open))).close()
+        return tar
+
+    def close(self) -> None:
+        for tar in self.open.values():
+            tar.close()
+        self.open = {}
