@@ -4,6 +4,7 @@ runs of a sweep line up side by side against their metrics. No experiment summar
 offers every scalar tag of the runs as a metric column. Used by EmuCLI as its `save_config_callback`."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -29,7 +30,13 @@ class ConfigToTensorBoard(SaveConfigCallback):
     """`SaveConfigCallback` (rank zero, once per run) that also logs the resolved config to TensorBoard."""
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        text = self.parser.dump(self.config, skip_none=False)        # the config exactly as saved to disk
+        # The config exactly as saved to disk: the file `setup` just wrote, read back (a second dump of the whole
+        # config would cost about a second of jsonargparse per run), or dumped when the file was not written.
+        saved = Path(trainer.log_dir or "", self.config_filename)
+        if self.save_to_log_dir and not self.multifile and saved.is_file():
+            text = saved.read_text()
+        else:
+            text = self.parser.dump(self.config, skip_none=False)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 exp = logger.experiment

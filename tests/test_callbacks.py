@@ -1,5 +1,5 @@
 """Single-purpose callbacks: the throughput arithmetic on a controlled clock, the config flattening that
-feeds TensorBoard's HPARAMS tab (both also run inside the real CLI fit in test_fit_smoke.py), and `last.ckpt`
+feeds TensorBoard's HPARAMS tab (both also run inside the real CLI fit in test_stage1_fit.py), and `last.ckpt`
 at every validation."""
 from __future__ import annotations
 

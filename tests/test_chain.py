@@ -3,7 +3,8 @@
 The tiny chain of the README (`recipes/chains/tiny_emu.yaml`, five stages) runs end to end at 2 steps per
 stage under `-m slow` (about 4 minutes on 2 busy cores):
     .venv/bin/python -m pytest -q -m slow tests/test_chain.py
-The default suite runs a two-stage chain (stage 1 → decoder) with its samples, and the rerun that skips it.
+The default suite runs a two-stage chain (stage 1 → decoder) with its samples, and the rerun that skips it; a
+failing stage stopping the chain is slow too.
 """
 from __future__ import annotations
 
@@ -124,6 +125,7 @@ def test_two_stage_chain_hands_off_resumes_and_samples(tmp_path, one_thread):
     assert before == {s: (out / s / "checkpoints" / "last.ckpt").stat().st_mtime_ns for s in ("s1", "dec")}
 
 
+@pytest.mark.slow
 def test_failed_stage_stops_the_chain_and_names_its_log(tmp_path, one_thread, capsys):
     path = _write(tmp_path, {"stages": [{"name": "s1", "recipe": _recipe("stage1_meanpool"),
                                          "overrides": {"model.init_args.no_such_arg": 1}},

@@ -10,7 +10,7 @@ from components.heads import QueryHead
 from emu_lightning.data.layout.collate import CaptionCollator
 from emu_lightning.checkpoints.export import export_model
 from tests.helpers import IMAGE_SIZE, tiny_decoder, tiny_stage2
-from tests.test_scale_export import SPECS
+from tests.test_export import SPECS
 
 
 def _generator(tmp_path, head=None):

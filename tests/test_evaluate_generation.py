@@ -225,7 +225,7 @@ def test_coco_fid_command_says_why_fid_is_skipped(runs, tmp_path, capsys):
 def test_coco_fid_against_a_reference_folder(tmp_path, monkeypatch):
     pytest.importorskip("torch_fidelity", reason="torch-fidelity is the [fid] extra")
     from emu_lightning.evaluate.generation import folder_fid
-    from tests.test_image_metrics import random_inception_weights
+    from tests.test_metrics_image import random_inception_weights
 
     weights = tmp_path / "inception.pth"
     random_inception_weights(weights, monkeypatch)
@@ -236,5 +236,5 @@ def test_coco_fid_against_a_reference_folder(tmp_path, monkeypatch):
     same = folder_fid(tmp_path / "a", tmp_path / "b", weights, 32)
     other = folder_fid(tmp_path / "a", tmp_path / "c", weights, 32)
     assert same["generated_images"] == same["reference_images"] == 4
-    # Random InceptionV3 features are tiny, so FIDs are too (tests/test_image_metrics.py): compare, don't threshold.
+    # Random InceptionV3 features are tiny, so FIDs are too (tests/test_metrics_image.py): compare, don't threshold.
     assert abs(same["FID"]) < 1e-9 and other["FID"] > 1e3 * max(abs(same["FID"]), 1e-18)

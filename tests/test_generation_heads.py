@@ -148,7 +148,7 @@ def test_whitening_round_trips_through_checkpoint_and_export(tmp_path):
     fresh.load_state_dict(torch.load(tmp_path / "a.ckpt")["state_dict"])
     for k in ("target_mean", "target_std", "whiten_samples"):
         assert torch.equal(getattr(fresh.regression_head, k), getattr(head, k)), k
-    from tests.test_scale_export import SPECS
+    from tests.test_export import SPECS
 
     specs = {**SPECS["meanpool"], "regression_head": {
         "class_path": "components.heads.QueryHead",

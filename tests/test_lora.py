@@ -10,6 +10,7 @@
 
 Emu-I's setting is r 16, alpha 16, dropout 0.05 on q/k/v/o (`Emu1/inference.py` L43-51 at baaivision/Emu 13c395e);
 the tests use r 4, alpha 8 to keep the debug model small and the scale alpha / r ≠ 1.
+The LoRA run's exact resume is slow: `.venv/bin/python -m pytest -q -m slow tests/test_lora.py`.
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def test_lora_on_the_llm_trains_only_its_factors(lora_run):
     assert rows["llm"] == (want, "train") and rows["encoder"] == (0, "frozen")
 
 
+@pytest.mark.slow
 def test_a_lora_run_resumes_to_identical_weights(lora_run, tmp_path):
     tmp, _, _ = lora_run
     ref = tmp / "ref" / "ckpt" / "last.ckpt"

@@ -42,7 +42,7 @@ def test_pack_length_shorter_than_max_length_is_refused():
 def test_packed_training_follows_the_unpacked_losses():
     """Two AdamW steps on the same documents, packed and not: the same loss at every step (equal tokens seen).
     Slow (~6 s on a busy core); the losses of one batch packed and not are compared in the default suite
-    (tests/test_scale_packing.py)."""
+    (tests/test_packing.py)."""
     curves = []
     for pack in (None, 192):
         steps, system = batches(pack, 2)

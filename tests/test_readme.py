@@ -14,6 +14,7 @@ import re
 import runpy
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,10 @@ def _help(module: str, command: str | None) -> str:
     old = sys.argv
     sys.argv = argv
     try:
-        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit), warnings.catch_warnings():
+            # runpy's note that the package already imported the module: true in a test process, not in `python -m`
+            warnings.filterwarnings("ignore", message=r".* found in sys.modules after import of package",
+                                    category=RuntimeWarning)
             runpy.run_module(module, run_name="__main__", alter_sys=False)
     finally:
         sys.argv = old

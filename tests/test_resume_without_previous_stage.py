@@ -1,5 +1,7 @@
 """A resume never needs the previous stage: `--ckpt_path` restores every part, so the stage-1 checkpoint named by
-`init_from` is not read (it may have moved, been deleted, or sit under another working directory)."""
+`init_from` is not read (it may have moved, been deleted, or sit under another working directory).
+Slow (two CLI fits): `.venv/bin/python -m pytest -q -m slow tests/test_resume_without_previous_stage.py`.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,6 +26,7 @@ def _overlay(tmp: Path, name: str, steps: int) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_stage2_resumes_after_its_stage1_checkpoint_is_gone(tmp_path, capsys):
     recipes = ROOT / "recipes" / "debug"
     cli_main(["fit", "--config", str(recipes / "stage1_meanpool.yaml"), "--config", _overlay(tmp_path, "s1", 2)])

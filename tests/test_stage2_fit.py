@@ -1,5 +1,8 @@
 """End to end: the real CLI fits each debug stage-2 recipe from a stage-1 checkpoint (hand-off), logs per-source
-losses and every few-shot / regression metric to TensorBoard, and a `test` run scores the same sets."""
+losses and every few-shot / regression metric to TensorBoard, and a `test` run scores the same sets.
+The default suite fits the mean-pool recipe; the C-Former one runs under
+`.venv/bin/python -m pytest -q -m slow tests/test_stage2_fit.py`.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,7 +37,7 @@ def _overlay(tmp_path: Path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("adapter", ["meanpool", "cformer"])
+@pytest.mark.parametrize("adapter", ["meanpool", pytest.param("cformer", marks=pytest.mark.slow)])
 def test_cli_fit_from_stage1_logs_per_source_and_few_shot_metrics(adapter, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     stage1 = cli_main(["--config", str(ROOT / "recipes" / "debug" / f"stage1_{adapter}.yaml")], run=False).model

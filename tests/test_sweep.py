@@ -1,5 +1,7 @@
 """The sweep runner: grid expansion, run planning (resume, failures), the results table read back from event
-files with known values, and one real sweep through the CLI (a good run and a failing one, in parallel)."""
+files with known values, and one real sweep through the CLI (a good run and a failing one, in parallel).
+The real sweep is slow: `.venv/bin/python -m pytest -q -m slow tests/test_sweep.py`.
+"""
 from __future__ import annotations
 
 import csv
@@ -171,6 +173,7 @@ def test_read_scalars_counts_a_repeated_step_once(tmp_path):
     assert read_scalars(tmp_path / "run")["train/loss"] == [(1, 3.0), (2, 2.0), (3, 1.5), (4, 1.0)]
 
 
+@pytest.mark.slow
 def test_real_sweep_records_a_failure_resumes_and_tables(tmp_path):
     """Two configurations through the real CLI at once: one trains 2 steps, one has a bad value. The failure
     is recorded with its error, the other finishes; a second invocation runs nothing."""

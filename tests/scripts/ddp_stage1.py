@@ -1,5 +1,5 @@
 """The debug stage-1 recipe through the CLI, one overlay on top: the multi-rank resume tests' subprocess
-(`tests/test_scale_resume.py`).
+(`tests/test_ranks.py`).
 
     python -m tests.scripts.ddp_stage1 OVERLAY [CKPT]
 

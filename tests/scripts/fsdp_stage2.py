@@ -5,7 +5,7 @@ process with the same global batches as 2 accumulated micro-batches: the two com
 
 Each epoch is 2 optimizer steps; a checkpoint is saved at each epoch end (sharded: a folder of shards).
 Writes OUT/losses_rank{r}.json ([step, micro-batch, loss] per batch) and, on rank 0, OUT/final.pt (the full
-weights, gathered from the shards). Launched by `tests/test_scale_fsdp.py`; Lightning starts rank 1 itself, or
+weights, gathered from the shards). Launched by `tests/test_sharding_fsdp.py`; Lightning starts rank 1 itself, or
 torchrun starts both (`--launcher torchrun`).
 """
 from __future__ import annotations

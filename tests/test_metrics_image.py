@@ -1,4 +1,6 @@
-"""Image metrics of the visual decoder: scene targets, semantic accuracy, classifier I/O, FID, PSNR / SSIM."""
+"""Image metrics of the visual decoder: scene targets, semantic accuracy, classifier I/O, FID, PSNR / SSIM.
+InceptionV3 FID from a local file is slow: `.venv/bin/python -m pytest -q -m slow tests/test_metrics_image.py`.
+"""
 from __future__ import annotations
 
 import pytest
@@ -172,6 +174,7 @@ def random_inception_weights(path, monkeypatch):
     torch.save(net.state_dict(), path)
 
 
+@pytest.mark.slow
 def test_fid_inception_from_a_local_file(tmp_path, monkeypatch, val_images):
     # The Inception path, end to end with a local file (random weights: the numbers mean nothing, the wiring does).
     weights = tmp_path / "pt_inception.pth"

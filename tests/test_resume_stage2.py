@@ -2,8 +2,9 @@
 bit on CPU, as the uninterrupted run (optimizer, schedule, data stream position, RNG and counters all restored).
 
 Default suite (in-process, ~30 s): a crash at a random step, and a real SIGTERM (2 DataLoader workers).
-Slow (`pytest -m slow tests/test_reliability_resume.py`, ~2 min): the same through `main.py`-like subprocesses
-killed with SIGKILL / SIGTERM from outside, and a SIGKILL in the middle of a slowed checkpoint write.
+Slow (`pytest -m slow tests/test_resume_stage2.py`, ~3 min): the crash-after-a-checkpoint and dropout runs
+(the default suite keeps the SIGTERM one), the same through `main.py`-like subprocesses killed with SIGKILL /
+SIGTERM from outside, and a SIGKILL in the middle of a slowed checkpoint write.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def _resume(tmp: Path, name: str, num_workers: int, ckpt: Path | None = None) ->
     return tmp / name / "ckpt" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_crash_after_a_checkpoint_resumes_to_identical_weights(tmp_path):
     ref = _reference(tmp_path, num_workers=0)
     k = random.randint(3, STEPS - 1)           # checkpoints every 2 steps: the run loses steps after the last one
@@ -168,6 +170,7 @@ def test_sigkill_during_a_slowed_checkpoint_write_keeps_the_previous_one(tmp_pat
 
 # --- the process RNG: a model that draws from it while it trains ------------------------------------------------
 
+@pytest.mark.slow
 def test_dropout_run_resumes_to_identical_weights(tmp_path):
     """The C-Former recipe with dropout 0.1: every training step draws dropout masks from the process RNG, so the
     resumed run matches the uninterrupted one only if the checkpoint's RNG state is restored (`set_rng_state`).

@@ -3,7 +3,8 @@ process computes, and its sharded checkpoint resumes to the same weights; torchr
 
 The 2-process runs are subprocesses (`tests/scripts/fsdp_stage2.py`): torchrun starts both ranks of the sharded
 run (about 35 s on 2 cores with the single-process twin), Lightning's own launcher starts rank 1 of the resumed
-run, which is slow (+25 s): `.venv/bin/python -m pytest -q -m slow tests/test_scale_fsdp.py`.
+run. Both are slow: `.venv/bin/python -m pytest -q -m slow tests/test_sharding_fsdp.py` (the default suite checks
+the wrapping of every part in process, tests/test_sharding_recipes.py).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def sharded_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_sharded_matches_single_process(sharded_run, tmp_path):
     from tests.scripts.fsdp_stage2 import run
 

@@ -1,7 +1,7 @@
 """Multi-process launch: the real CLI (`main.py fit`) on a debug stage-2 recipe under torchrun with 2 CPU
 processes and FSDP2 reads the launch environment (2 ranks), trains and writes a sharded `last.ckpt`.
 
-Slow (~1 min on 2 cores): `.venv/bin/python -m pytest -q -m slow tests/test_scale_launch.py`.
+Slow (~1 min on 2 cores): `.venv/bin/python -m pytest -q -m slow tests/test_launch_torchrun.py`.
 """
 from __future__ import annotations
 

@@ -80,7 +80,7 @@ def test_exported_llm_loads_in_plain_transformers(tmp_path):
 
 @pytest.mark.slow
 def test_export_loads_without_lightning(tmp_path):
-    """Slow (a fresh interpreter, ~10 s): `.venv/bin/python -m pytest -q -m slow tests/test_scale_export.py`."""
+    """Slow (a fresh interpreter, ~10 s): `.venv/bin/python -m pytest -q -m slow tests/test_export.py`."""
     folder = export_model(_trained("meanpool"), tmp_path / "export", SPECS["meanpool"])
     code = (f"import sys; from emu_lightning.checkpoints.export import load_exported; m = load_exported({str(folder)!r}); "
             "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('lightning', 'pytorch_lightning')); "

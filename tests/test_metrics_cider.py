@@ -1,4 +1,6 @@
-"""CIDEr-D parity with pycocoevalcap, accumulation and distributed sync (VQA accuracy: test_vqa_accuracy.py)."""
+"""CIDEr-D parity with pycocoevalcap, accumulation and distributed sync (VQA accuracy: test_metrics_vqa.py).
+The 2-process CIDEr sync is slow: `.venv/bin/python -m pytest -q -m slow tests/test_metrics_cider.py`.
+"""
 
 import random
 from datetime import timedelta
@@ -150,6 +152,7 @@ def _sync_worker(rank: int, init_file: str, preds: list[str], refs: list[list[st
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_cider_syncs_across_ranks_when_one_rank_is_empty(tmp_path):
     preds, refs = MINI_PREDS, MINI_REFS
     queue = mp.get_context("spawn").SimpleQueue()

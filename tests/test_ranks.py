@@ -6,7 +6,7 @@ into the one checkpoint and each rank resumes its own, map-style (stage 1's `Epo
 and streamed (the stage-2 mixture, stage 1's tar stream); a map-style position is re-sharded onto another number of
 ranks, a stream's is refused; `WebDatasetPairs`' shuffle buffer, shard deal and equal epochs.
 
-Slow (`pytest -m slow tests/test_scale_resume.py`): the debug stage-1 recipe on 2 gloo processes (DDP), killed with
+Slow (`pytest -m slow tests/test_ranks.py`): the debug stage-1 recipe on 2 gloo processes (DDP), killed with
 SIGKILL mid-epoch and resumed: the same weights bit for bit and the same samples in the same order on each rank, for
 a map-style set and for uneven tar shards read by 2 workers per rank; then the 2-rank checkpoints resumed on 1 process.
 """

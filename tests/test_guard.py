@@ -41,7 +41,7 @@ class Poison(L.Callback):
 
 
 def _poisoned_run(tmp_path, steps: int, loss_at=(), grad_at=(), **model):
-    poison = {"class_path": "tests.test_reliability_guard.Poison",
+    poison = {"class_path": "tests.test_guard.Poison",
               "init_args": {"loss_at": list(loss_at), "grad_at": list(grad_at)}}
     return cli_main(args(overlay(tmp_path, steps, every=100, callbacks=[poison], model=model)))
 
@@ -93,7 +93,7 @@ def test_window_forgets_old_skips():
 
 def test_stage1_shares_the_guard():
     system = tiny_stage1(max_bad_steps=0)
-    from tests.test_systems import _batch  # noqa: PLC0415  (the stage-1 tests' synthetic batch)
+    from tests.test_stage1 import _batch  # noqa: PLC0415  (the stage-1 tests' synthetic batch)
 
     batch = _batch(system)
     assert torch.is_tensor(system.training_step(batch, 0))

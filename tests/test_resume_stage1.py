@@ -1,6 +1,9 @@
 """Kill and resume, stage 1: the map-style caption loader (`ResumableMapLoader`) keeps its place within the epoch in
 the checkpoint, so a stage-1 run stopped after a checkpoint and resumed ends with the same weights, bit for bit on
-CPU, as the uninterrupted run, also across an epoch boundary and with DataLoader workers."""
+CPU, as the uninterrupted run, also across an epoch boundary and with DataLoader workers.
+The default suite resumes at step 5 without workers; the epoch-boundary case with 2 DataLoader workers is slow:
+`.venv/bin/python -m pytest -q -m slow tests/test_resume_stage1.py`.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,7 +53,7 @@ def _fit(tmp: Path, name: str, num_workers: int, ckpt: Path | None = None, crash
     return last
 
 
-@pytest.mark.parametrize("crash_at, num_workers", [(5, 0), (7, 2)])
+@pytest.mark.parametrize("crash_at, num_workers", [(5, 0), pytest.param(7, 2, marks=pytest.mark.slow)])
 def test_stage1_resume_mid_epoch_gives_identical_weights(tmp_path, crash_at, num_workers):
     ref = _fit(tmp_path, "ref", num_workers)
     with pytest.raises(KeyError, match=f"after step {crash_at}"):
