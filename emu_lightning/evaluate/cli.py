@@ -43,36 +43,77 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1) + "\n")
 
 
-def _model(args: argparse.Namespace):
+def prompted_model(args: argparse.Namespace, system: Any = None):
+    """The prompted model: `system` when given (a system being trained, `callbacks/protocol_eval.py`), else the one
+    `--ckpt` names."""
     from emu_lightning.evaluate.model import PromptedModel
     from emu_lightning.inference.infer import load_model
 
-    if not args.ckpt:
+    if system is None and not args.ckpt:
         raise ValueError(f"{args.task} needs --ckpt <run directory, .ckpt file or exported folder> (or --results)")
     default_tokens = 20 if args.task == "caption" else 10   # Emu-I's caption length; Emu2's answer length
-    return PromptedModel(load_model(args.ckpt, args.config, args.tokenizer), args.num_beams,
-                         args.max_new_tokens or default_tokens)
+    system = system if system is not None else load_model(args.ckpt, args.config, args.tokenizer)
+    return PromptedModel(system, args.num_beams, args.max_new_tokens or default_tokens)
 
 
-def run_caption(args: argparse.Namespace, out: Path) -> dict:
+def _first(data, limit: int | None):
+    """The first `limit` items of an evaluation set (all of them when None): a quick, fixed slice. Every reader keeps
+    its records in `.items`, which is also what scoring reads, so the slice is scored as a whole set."""
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit {limit}: expected at least 1 item")
+        data.items = data.items[:limit]
+    return data
+
+
+def caption_inputs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The caption set (its first `--limit` images) and, for k > 0, the demonstration pool: every file checked."""
     from emu_lightning.data.real.karpathy import caption_set
+
+    data = _first(caption_set(args.annotations, args.images, args.split), args.limit)
+    pool = None
+    if not args.results and any(k > 0 for k in args.shots):
+        if not (args.demo_annotations and args.demo_images):
+            raise ValueError("k-shot captioning needs --demo-annotations and --demo-images (a training split)")
+        pool = caption_set(args.demo_annotations, args.demo_images, args.demo_split)
+    return data, pool
+
+
+def vqa_inputs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The questions (the first `--limit`) and, for k > 0, the demonstration pool: every file checked."""
+    from emu_lightning.data.real.vqa import VQAQuestions
+    from emu_lightning.evaluate.vqa import TASKS as TEMPLATES
+
+    template = args.image_template or TEMPLATES[args.task]
+    data = _first(VQAQuestions(args.questions, args.images, args.annotations, template, args.num_answers),
+                  args.limit)
+    pool = None
+    if not args.results and any(k > 0 for k in args.shots):
+        if not (args.demo_questions and args.demo_annotations and args.demo_images):
+            raise ValueError("k-shot VQA needs --demo-questions, --demo-annotations and --demo-images (a training "
+                             "split: the demonstrations show their majority answer)")
+        pool = VQAQuestions(args.demo_questions, args.demo_images, args.demo_annotations,
+                            args.demo_image_template or template, args.num_answers)
+    return data, pool
+
+
+def run_caption(args: argparse.Namespace, out: Path, system: Any = None, inputs: tuple | None = None,
+                progress=_progress) -> dict:
+    """Caption, write `results_k{k}.json` and score each k. `system`: a loaded system instead of `--ckpt`;
+    `inputs`: `caption_inputs(args)`, when already read."""
     from emu_lightning.evaluate.captioning import read_caption_results, score_captions
     from emu_lightning.evaluate.runs import generate_all
 
-    data = caption_set(args.annotations, args.images, args.split)
+    data, pool = inputs or caption_inputs(args)
     refs = {item["image_id"]: item["captions"] for item in data.items}
     metrics = tuple(m for m in args.metrics.split(",") if m)
     if args.results:
         return {"results": score_captions(refs, read_caption_results(args.results), metrics, args.results)}
-    model, pool = _model(args), None
-    if any(k > 0 for k in args.shots):
-        if not (args.demo_annotations and args.demo_images):
-            raise ValueError("k-shot captioning needs --demo-annotations and --demo-images (a training split)")
-        pool = caption_set(args.demo_annotations, args.demo_images, args.demo_split)
+    model = prompted_model(args, system)
     scores = {}
     for k in args.shots:
         texts = generate_all(model, "caption", data, k, args.selection, pool, args.batch_size, max(args.shots),
-                             args.seed, _progress)
+                             args.seed, progress)
         results = [{"image_id": item["image_id"], "caption": t} for item, t in zip(data.items, texts)]
         _write_json(out / f"results_k{k}.json", results)
         scores[f"k{k}"] = score_captions(refs, {r["image_id"]: r["caption"] for r in results}, metrics,
@@ -80,26 +121,20 @@ def run_caption(args: argparse.Namespace, out: Path) -> dict:
     return scores
 
 
-def run_vqa(args: argparse.Namespace, out: Path) -> dict:
-    from emu_lightning.data.real.vqa import VQAQuestions
+def run_vqa(args: argparse.Namespace, out: Path, system: Any = None, inputs: tuple | None = None,
+            progress=_progress) -> dict:
+    """Answer, write `results_k{k}.json` and, with annotations, score each k (arguments as `run_caption`)."""
     from emu_lightning.evaluate.runs import generate_all
-    from emu_lightning.evaluate.vqa import TASKS as TEMPLATES, read_vqa_results, score_vqa
+    from emu_lightning.evaluate.vqa import read_vqa_results, score_vqa
 
-    template = args.image_template or TEMPLATES[args.task]
-    data = VQAQuestions(args.questions, args.images, args.annotations, template, args.num_answers)
+    data, pool = inputs or vqa_inputs(args)
     if args.results:
         return {"results": score_vqa(data, read_vqa_results(args.results), args.rules, args.results)}
-    model, pool = _model(args), None
-    if any(k > 0 for k in args.shots):
-        if not (args.demo_questions and args.demo_annotations and args.demo_images):
-            raise ValueError("k-shot VQA needs --demo-questions, --demo-annotations and --demo-images (a training "
-                             "split: the demonstrations show their majority answer)")
-        pool = VQAQuestions(args.demo_questions, args.demo_images, args.demo_annotations,
-                            args.demo_image_template or template, args.num_answers)
+    model = prompted_model(args, system)
     scores = {}
     for k in args.shots:
         texts = generate_all(model, "vqa", data, k, args.selection, pool, args.batch_size, max(args.shots),
-                             args.seed, _progress)
+                             args.seed, progress)
         results = [{"question_id": item["question_id"], "answer": t} for item, t in zip(data.items, texts)]
         _write_json(out / f"results_k{k}.json", results)
         if data.annotations is not None:
@@ -108,10 +143,10 @@ def run_vqa(args: argparse.Namespace, out: Path) -> dict:
     return scores
 
 
-def run_generation(args: argparse.Namespace, out: Path) -> dict:
+def generation_inputs(args: argparse.Namespace) -> list:
+    """The prompts of a generation task (the first `--limit`), read and checked before any model is loaded."""
     from emu_lightning.evaluate import generation as gen
 
-    # Prompt files are read and checked before any model is loaded.
     if args.task == "geneval":
         prompts = gen.read_geneval_prompts(args.prompts)
     elif args.task == "dpg-bench":
@@ -120,7 +155,18 @@ def run_generation(args: argparse.Namespace, out: Path) -> dict:
         prompts = gen.read_coco_captions(args.captions, args.num, args.seed)
         if args.reference and not Path(args.reference).is_dir():
             raise FileNotFoundError(f"reference image folder not found: {args.reference}")
-    pipeline = _image_pipeline(args)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: expected at least 1 prompt")
+    return prompts[:args.limit]
+
+
+def run_generation(args: argparse.Namespace, out: Path, pipeline: Any = None, prompts: list | None = None) -> dict:
+    """Write the task's image folder. `pipeline`: an `EmuImagePipeline` instead of `--ckpt` + `--decoder`;
+    `prompts`: `generation_inputs(args)`, when already read."""
+    from emu_lightning.evaluate import generation as gen
+
+    prompts = prompts if prompts is not None else generation_inputs(args)
+    pipeline = pipeline if pipeline is not None else image_pipeline(args)
 
     def sample(prompt: str, seeds):
         return pipeline.text_to_images(prompt, seeds, args.guidance, args.steps)
@@ -153,18 +199,27 @@ def _fid(args: argparse.Namespace, out: Path) -> dict:
     return folder_fid(out / "images", args.reference, args.inception_weights, args.fid_size)
 
 
-def _image_pipeline(args: argparse.Namespace):
+def image_pipeline(args: argparse.Namespace, system: Any = None):
+    """Generator + decoder. `system` (a system being trained) takes the place of the one it is: a decoder stands
+    for `--decoder`, a stage-2 model for `--ckpt`; the other is loaded, on the system's device."""
     from emu_lightning.inference.infer import load_decoder, load_model
     from emu_lightning.inference.pipelines import EmuImagePipeline
+    from emu_lightning.systems.decoder import DecoderSystem
     from emu_lightning.systems.stage2 import Stage2System
 
-    if not args.ckpt or not args.decoder:
+    decoder = system if isinstance(system, DecoderSystem) else None
+    generator = system if system is not None and decoder is None else None
+    if (generator is None and not args.ckpt) or (decoder is None and not args.decoder):
         raise ValueError(f"{args.task} needs --ckpt <stage-2 model> and --decoder <decoder run or export>")
-    generator = load_model(args.ckpt, args.config, args.tokenizer)
+    device = system.device if system is not None else None
+    if generator is None:
+        generator = load_model(args.ckpt, args.config, args.tokenizer).to(device)
     if not isinstance(generator, Stage2System):
         raise ValueError(f"{type(generator).__name__} has no regression head: {args.task} needs a stage-2, gen- or "
                          f"chat-tuned model")
-    return EmuImagePipeline(load_decoder(args.decoder, args.decoder_config), generator)
+    if decoder is None:
+        decoder = load_decoder(args.decoder, args.decoder_config).to(device)
+    return EmuImagePipeline(decoder, generator)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -179,6 +234,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default eval_out/<task>)")
     p.add_argument("--results", help="score this result file instead of generating (no --ckpt needed)")
     p.add_argument("--seed", type=int, default=0, help="demonstration draws; generation seeds start here")
+    p.add_argument("--limit", type=int, help="only the first N questions / images / prompts (a quick slice)")
     text = p.add_argument_group("captioning and VQA")
     text.add_argument("--images", help="image folder (captions: the root holding Karpathy's filepath/filename)")
     text.add_argument("--annotations", help="captions: Karpathy split file or COCO-captions JSON; VQA: annotations")

@@ -110,9 +110,13 @@ class PromptedModel:
             raise ValueError("a stage-1 captioner's only prompt is one image (<s>[IMG]<image>×N[/IMG]); got "
                              + str(next([k for k, _ in p] for p in prompts if len(p) != 1 or p[0][0] != "image")))
         ids = [s.ids.bos, *image_block(s.ids, s.num_image_tokens)]
-        s.max_new_tokens = max_new_tokens     # Stage1System.caption reads its own attribute
         pixels = torch.stack([p[0][1] for p in prompts]).to(s.device)
-        return s.caption(pixels, torch.tensor([ids] * len(prompts), device=s.device), num_beams)
+        # Stage1System.caption reads its own attribute; restored after, as a system in training keeps its value.
+        saved, s.max_new_tokens = s.max_new_tokens, max_new_tokens
+        try:
+            return s.caption(pixels, torch.tensor([ids] * len(prompts), device=s.device), num_beams)
+        finally:
+            s.max_new_tokens = saved
 
     @torch.no_grad()
     def score(self, prompts: Sequence[Sequence[tuple[str, Any]]], continuations: Sequence[str]

@@ -55,6 +55,20 @@ class KeyMap:
         return m.groups() if m else None
 
 
+def llama_maps(lm: str, grow: Callable[[Tensor], Tensor], shrink: Callable[[Tensor], Tensor]) -> list[KeyMap]:
+    """The released LLaMA under prefix `lm` (Emu and Emu2 save it alike): RoPE buffers checked and dropped, the
+    vocabulary rows resized by `grow` / `shrink` (docs/converting.md, "The appended vocabulary rows"), every decoder
+    layer and the final norm as they are."""
+    return [
+        KeyMap(f"{lm}model.layers.{{}}.self_attn.rotary_emb.inv_freq", None,
+               "LLaMA RoPE inv_freq buffers (derived; checked)"),
+        KeyMap(f"{lm}model.embed_tokens.weight", "llm.model.model.embed_tokens.weight", "LLaMA embed_tokens",
+               grow, shrink),
+        KeyMap(f"{lm}lm_head.weight", "llm.model.lm_head.weight", "LLaMA lm_head", grow, shrink),
+        KeyMap(f"{lm}model.{{}}", "llm.model.model.{}", "LLaMA decoder layers + final norm"),
+    ]
+
+
 def _regex(pattern: str) -> re.Pattern:
     return re.compile(re.escape(pattern).replace(r"\{\}", "(.+?)"))
 

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from emu_lightning.checkpoints.convert.common import (
-    ConversionError, KeyMap, check_against, check_rope, count_blocks, mlp_ratio, read_released, require, to_ours,
-    to_released)
+    ConversionError, KeyMap, check_against, check_rope, count_blocks, llama_maps, mlp_ratio, read_released, require,
+    to_ours, to_released)
 from emu_lightning.checkpoints.convert.config import agree, choose, read_configs
 from emu_lightning.checkpoints.convert.emu2 import build_parts
 from emu_lightning.checkpoints.convert.folder import read_folder, write_folder
@@ -48,12 +48,7 @@ def key_maps(rows: int, extra_rows: int, lora: dict | None = None) -> list[KeyMa
               for t in lora["targets"] if lora["base_layer"]]] if lora else []
     return [
         *peft,
-        KeyMap(f"{lm}model.layers.{{}}.self_attn.rotary_emb.inv_freq", None,
-               "LLaMA RoPE inv_freq buffers (derived; checked)"),
-        KeyMap(f"{lm}model.embed_tokens.weight", "llm.model.model.embed_tokens.weight", "LLaMA embed_tokens",
-               grow, shrink),
-        KeyMap(f"{lm}lm_head.weight", "llm.model.lm_head.weight", "LLaMA lm_head", grow, shrink),
-        KeyMap(f"{lm}model.{{}}", "llm.model.model.{}", "LLaMA decoder layers + final norm"),
+        *llama_maps(lm, grow, shrink),
         KeyMap(f"{lm}stu_regress_head.weight", "regression_head.proj.weight", "stu_regress_head"),
         KeyMap("visual.norm.{}", None, "EVA-CLIP final norm (unused: Emu reads forward_features)"),
         KeyMap("visual.head.{}", None, "EVA-CLIP projection head (unused)"),

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from emu_lightning.checkpoints.convert.common import (
-    ConversionError, KeyMap, check_against, check_rope, count_blocks, mlp_ratio, read_released, require, to_ours,
-    to_released)
+    ConversionError, KeyMap, check_against, check_rope, count_blocks, llama_maps, mlp_ratio, read_released, require,
+    to_ours, to_released)
 from emu_lightning.checkpoints.convert.config import Stated, agree, choose, read_configs
 from emu_lightning.checkpoints.convert.folder import read_folder, write_folder
 from emu_lightning.checkpoints.convert.tokenizer import EMU2_SPECIALS, released_tokenizer
@@ -81,12 +81,7 @@ def key_maps(layout: str, prefix: str, projections: tuple[str, str] | list[str],
     pipeline = [KeyMap(f"{p}{{}}", None, f"{name} (kept for export; not a Stage-2 part)")
                 for p, name in GEN_PIPELINE.items()] if prefix == GEN else []
     return [
-        KeyMap(f"{lm}model.layers.{{}}.self_attn.rotary_emb.inv_freq", None,
-               "LLaMA RoPE inv_freq buffers (derived; checked)"),
-        KeyMap(f"{lm}model.embed_tokens.weight", "llm.model.model.embed_tokens.weight", "LLaMA embed_tokens",
-               grow, shrink),
-        KeyMap(f"{lm}lm_head.weight", "llm.model.lm_head.weight", "LLaMA lm_head", grow, shrink),
-        KeyMap(f"{lm}model.{{}}", "llm.model.model.{}", "LLaMA decoder layers + final norm"),
+        *llama_maps(lm, grow, shrink),
         KeyMap(up, "adapter.project_up.weight", "project_up"),
         KeyMap(down, "regression_head.proj.weight", "project_down"),
         KeyMap(f"{vis}{{}}", "encoder.trunk.{}", "EVA-02-CLIP-E visual trunk"),

@@ -81,7 +81,7 @@ class CocoCaptionSet(Dataset):
                       for i, _, caps in self.coco.items]
 
     def __len__(self) -> int:
-        return len(self.coco)
+        return len(self.items)   # may be cut to a first slice (`evaluate/cli.py --limit`)
 
     def __getitem__(self, index: int) -> dict:
         return {**self.coco[index], "image_id": self.items[index]["image_id"]}
