@@ -103,17 +103,6 @@ def _score(name: str, gts: dict, res: dict, java: bool, root: Path, scores: dict
 
 def read_caption_results(path: str | Path) -> dict[Any, str]:
     """A COCO results file `[{"image_id", "caption"}]` → image id → caption; a bad record is named."""
-    from emu_lightning.data.real.vqa import field, read_json
+    from emu_lightning.data.real.vqa import read_id_map
 
-    path = Path(path)
-    rows = read_json(path, "caption results file")
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of {{'image_id', 'caption'}} records, got "
-                         f"{type(rows).__name__}")
-    out: dict[Any, str] = {}
-    for i, r in enumerate(rows):
-        image_id = field(path, r, "image_id", f"[{i}]", (int, str))
-        if image_id in out:
-            raise ValueError(f"{path}: [{i}] (image_id {image_id!r}) repeats an image already captioned")
-        out[image_id] = field(path, r, "caption", f"[{i}] (image_id {image_id!r})", str)
-    return out
+    return read_id_map(path, "caption results file", "image_id", "caption", "an image already captioned")

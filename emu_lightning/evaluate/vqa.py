@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from emu_lightning.data.real.vqa import VQAQuestions, field, read_json
+from emu_lightning.data.real.vqa import VQAQuestions, read_id_map
 from emu_lightning.metrics.vqa import vqa_accuracy
 
 # task → the file name of a question's image, from its image_id (the sets' own naming; VizWiz and TextVQA as in
@@ -29,18 +29,7 @@ TASKS = {
 
 def read_vqa_results(path: str | Path) -> dict[Any, str]:
     """A results file `[{"question_id", "answer"}]` → question id → answer; a bad record is named."""
-    path = Path(path)
-    rows = read_json(path, "VQA results file")
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of {{'question_id', 'answer'}} records, got "
-                         f"{type(rows).__name__}")
-    out: dict[Any, str] = {}
-    for i, r in enumerate(rows):
-        qid = field(path, r, "question_id", f"[{i}]", (int, str))
-        if qid in out:
-            raise ValueError(f"{path}: [{i}] (question_id {qid!r}) repeats a question already answered")
-        out[qid] = field(path, r, "answer", f"[{i}] (question_id {qid!r})", str)
-    return out
+    return read_id_map(path, "VQA results file", "question_id", "answer", "a question already answered")
 
 
 def score_vqa(data: VQAQuestions, answers: dict[Any, str], rules: str = "official",

@@ -53,6 +53,22 @@ def field(path: Path, record: Any, name: str, where: str, kind: type | tuple[typ
     return value
 
 
+def read_id_map(path: str | Path, what: str, key: str, value: str, repeated: str) -> dict[Any, str]:
+    """A results file, a JSON list of `{key: id, value: text}` records (VQA answers, COCO captions) → id → text;
+    a bad record, or a second record for one id (`repeated` says what it repeats), is named with its index."""
+    path = Path(path)
+    rows = read_json(path, what)
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of {{{key!r}, {value!r}}} records, got {type(rows).__name__}")
+    out: dict[Any, str] = {}
+    for i, r in enumerate(rows):
+        rid = field(path, r, key, f"[{i}]", (int, str))
+        if rid in out:
+            raise ValueError(f"{path}: [{i}] ({key} {rid!r}) repeats {repeated}")
+        out[rid] = field(path, r, value, f"[{i}] ({key} {rid!r})", str)
+    return out
+
+
 class VQAQuestions(Dataset):
     """The questions of a VQA-format file with their images and, when given, their human answers.
 
