@@ -11,7 +11,9 @@ targets (the ceiling of the semantic check).
         --stage2 benchmarks/out/runs/stage2_meanpool/version_0      # re-score a finished run (+ text-to-image)
     python benchmarks/decoder_learning.py --report
 
-Each run writes benchmarks/out/<name>.json and TensorBoard logs under benchmarks/out/runs/<name>.
+Each run merges its entry (command, date, machine, steps, wall time, steps/s, eval) under its name into
+benchmarks/results/decoder_learning.json (a re-score or sampler sweep updates the run's entry); its overlay,
+sample grids and TensorBoard logs (checkpoints) go to benchmarks/out/.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from stage1_learning import OUT, machine
+from results_io import OUT, merge_result, read_results, run_facts
 
+NAME = "decoder_learning"   # benchmarks/results/decoder_learning.json
 CLASSIFIER = OUT / "scene_classifier_32px.safetensors"
 
 
@@ -59,9 +62,11 @@ def scenes_batch(split: str, n: int, offset: int = 0):
 
 
 @torch.no_grad()
-def probe(system, n_train: int = 4096, n_test: int = 512, steps: int = 400) -> dict[str, float]:
+def probe(system, n_train: int = 4096, n_test: int = 512, steps: int = 400,
+          kinds: tuple[str, ...] = ("linear", "mlp")) -> dict[str, float]:
     """Probes of the frozen conditions (flattened, standardised) → per-cell shape and color (7 classes, 6 = empty):
-    a linear one and a one-hidden-layer MLP (the decoder is non-linear), trained on train renders, scored on val."""
+    a linear one and a one-hidden-layer MLP (the decoder is non-linear), trained on train renders, scored on val.
+    `kinds` picks which (the MLP on 64×192 features costs ~20× the linear probe's time)."""
     from emu_lightning.metrics.semantic import EMPTY, scene_targets
 
     def feats(split, n):
@@ -73,7 +78,7 @@ def probe(system, n_train: int = 4096, n_test: int = 512, steps: int = 400) -> d
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
     xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
     out = {}
-    for kind in ("linear", "mlp"):
+    for kind in kinds:
         for name, ytr, yte in (("shape", s_tr, s_te), ("color", c_tr, c_te)):
             torch.manual_seed(0)
             head = (torch.nn.Linear(xtr.shape[1], 9 * 7) if kind == "linear" else
@@ -183,7 +188,7 @@ def _scores(images, real, scenes, classifier, sec_per_image: float) -> dict[str,
 
 
 def report() -> str:
-    rows = [json.loads(p.read_text()) for p in sorted(OUT.glob("decoder*.json"))]
+    rows = [{"name": k, **r} for k, r in sorted(read_results(NAME).items())]
     cols = ["color", "shape", "both", "empty", "psnr", "ssim", "fid_scene", "sec_per_image"]
     out = ["| run | steps | steps/s | probe shape (lin / mlp) | probe color (lin / mlp) | split | images | "
            + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 7)]
@@ -227,24 +232,26 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     if not a.report:
         OUT.mkdir(parents=True, exist_ok=True)
-        path = OUT / f"{a.name}.json"
-        result = json.loads(path.read_text()) if path.exists() else {"name": a.name}
+        result = read_results(NAME).get(a.name, {"name": a.name})
         if not a.eval_only:
             start = time.time()
             run_dir = train(a, extra)
             wall = time.time() - start
-            result.update({"recipe": a.recipe, "init_from": a.init_from, "steps": a.steps, "overrides": extra,
-                           "wall_s": round(wall, 1), "steps_per_s": round(a.steps / wall, 3), "threads": a.threads,
-                           "run": str(run_dir)})
+            result.update({**run_facts(), "recipe": a.recipe, "init_from": a.init_from, "steps": a.steps,
+                           "overrides": extra, "wall_s": round(wall, 1), "steps_per_s": round(a.steps / wall, 3),
+                           "threads": a.threads, "run": str(run_dir)})
+        if not (a.run or "run" in result):
+            raise ValueError(f"--eval-only: run {a.name!r} has no entry in benchmarks/results/{NAME}.json; give --run")
         run_dir = Path(a.run or result["run"])
         if a.sampler_sweep:
             result.setdefault("sampler_sweep", {}).update(sampler_sweep(run_dir, a.ckpt, a.eval_size, a.sampler_sweep))
-            path.write_text(json.dumps(result, indent=1))
+            merge_result(NAME, a.name, result)
             return
-        result.update({"date": time.strftime("%Y-%m-%d"), "machine": machine(),
-                       "eval": evaluate(run_dir, a.ckpt, a.eval_size, a.guidance, a.stage2, a.sample_steps,
-                                               not a.no_probe)})
-        path.write_text(json.dumps(result, indent=1))
+        result.update({"eval": evaluate(run_dir, a.ckpt, a.eval_size, a.guidance, a.stage2, a.sample_steps,
+                                        not a.no_probe)})
+        if a.eval_only:   # the command and date of this evaluation, beside those of the training run
+            result["evaluated"] = run_facts()
+        merge_result(NAME, a.name, result)
         print(json.dumps(result["eval"], indent=1))
     print(report())
 

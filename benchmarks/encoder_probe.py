@@ -10,15 +10,14 @@ the language path costs (docs/synthetic_world.md, "How fast the debug model lear
     python benchmarks/encoder_probe.py --stem patch --steps 300
     python benchmarks/encoder_probe.py --stem conv --steps 300
 
-Each arm writes its curve into benchmarks/results/encoder_probe.json (arm → step → accuracy) and prints it.
+Each arm merges its curve (step → accuracy) into benchmarks/results/encoder_probe.json under
+"<stem>_grid<grid>", with the command, date, machine, steps, wall time and steps/s, and prints it.
 Accuracy is over the objects of 256 val scenes (empty cells are trained on, not scored).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +27,8 @@ from components.encoders.eva import EVAEncoder
 from emu_lightning.data.modules.captions import image_transform
 from emu_lightning.data.synthetic.scenes import render, sample_scene
 from emu_lightning.data.synthetic.text import POSITIONS, SHAPES
+from results_io import merge_result, run_facts
 
-RESULTS = Path(__file__).resolve().parent / "results" / "encoder_probe.json"
 EMPTY = len(SHAPES)
 
 
@@ -82,11 +81,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    start = time.time()
     curve = run(a.stem, a.grid, a.steps, a.every)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[f"{a.stem}_grid{a.grid}"] = {"steps": curve, "batch_size": 32, "date": time.strftime("%Y-%m-%d")}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1))
+    wall = time.time() - start   # the val scoring every --every steps included
+    merge_result("encoder_probe", f"{a.stem}_grid{a.grid}",
+                 {**run_facts(), "steps": a.steps, "batch_size": 32, "wall_s": round(wall, 1),
+                  "steps_per_s": round(a.steps / wall, 2), "curve": curve})
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@
    alternately (the ratio of their medians), on the same ~1B model.
 4. Decoder: images/s of the Emu1 decoder architecture (SD1.5 UNet, 512 px, its recipe's sampler and steps,
    random weights: benchmarks/configs/no_pretrained.overlay.yaml).
-Writes benchmarks/results/gpu.json (a dry run: benchmarks/out/gpu_check_dry_run.json). `--dry-run` runs every
-step on CPU with the tiny overlay and the debug decoder; Lightning's FSDP (FSDP1) needs an accelerator, so the
-dry run trains under its FSDP2 twin (`EmuModelParallelStrategy`) and has no allocator statistics (the VRAM table
-holds the plan only).
+Writes benchmarks/results/gpu.json (one check per file, with command, date, machine; a dry run:
+benchmarks/out/gpu_check_dry_run.json). `--dry-run` runs every step on CPU with the tiny overlay and the debug
+decoder; Lightning's FSDP (FSDP1) needs an accelerator, so the dry run trains under its FSDP2 twin
+(`EmuModelParallelStrategy`) and has no allocator statistics (the VRAM table holds the plan only).
 """
 from __future__ import annotations
 
@@ -28,11 +28,15 @@ import gc
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # imported as `benchmarks.gpu_check` by the tests
+from results_io import run_facts, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE2 = ROOT / "recipes" / "debug" / "stage2_meanpool.yaml"
@@ -226,7 +230,7 @@ def decoder_rate(configs: list[Path], device: torch.device, batch: int, steps: i
 
 
 def run(dry_run: bool, out: Path, peak: float | None = None, steps: int | None = None, batch: int | None = None,
-        batches: list[int] | None = None) -> dict:
+        batches: list[int] | None = None, facts: dict | None = None) -> dict:
     size = dict(SIZES["dry" if dry_run else "gpu"])
     size.update({k: v for k, v in (("steps", steps), ("batch", batch), ("batches", batches)) if v})
     if not dry_run and not torch.cuda.is_available():
@@ -262,7 +266,7 @@ def run(dry_run: bool, out: Path, peak: float | None = None, steps: int | None =
             main = {"batch": b, "steps": size["steps"], **got, "tflops_per_step": flops / 1e12,
                     "mfu": flops / got["step_s"] / (peak * 1e12)}
     params = {k: sum(p.numel() for p in v.parameters()) for k, v in template.parts.items()}
-    result = {"device": name, "peak_tflops": peak, "dry_run": dry_run, "params": params,
+    result = {**(facts or {}), "device": name, "peak_tflops": peak, "dry_run": dry_run, "params": params,
               "strategy": type(strategy_for(device)).__name__, "precision": "bf16-mixed",
               "checkpointed": CHECKPOINTED, "pack_length": size["pack"], "train": main, "vram": table,
               "generation": generation(template, device, size["rounds"]),
@@ -271,8 +275,7 @@ def run(dry_run: bool, out: Path, peak: float | None = None, steps: int | None =
     result["wall_s"] = time.perf_counter() - start
     if torch.distributed.is_initialized():      # the one-process group the strategies opened
         torch.distributed.destroy_process_group()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(out, result)
     return result
 
 
@@ -315,7 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     args.out = args.out or ROOT / "benchmarks" / ("out/gpu_check_dry_run.json" if args.dry_run else "results/gpu.json")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result = run(args.dry_run, args.out, args.peak_tflops, args.steps, args.batch, args.batches)
+    result = run(args.dry_run, args.out, args.peak_tflops, args.steps, args.batch, args.batches,
+                 facts=run_facts(argv))
     print(report(result))
     print(f"wrote {args.out}")
 

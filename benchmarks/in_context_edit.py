@@ -13,7 +13,8 @@ A resize is judged on `kept` only: the judge reads no size.
     python benchmarks/in_context_edit.py --gen <gen run> --decoder <decoder run> [--n 256 --guidance 10 --steps 10]
     python benchmarks/in_context_edit.py --report                                  # the markdown table
 
-Writes benchmarks/results/in_context_edit.json (kind → split → metric, plus "meta") and a grid beside it
+Writes benchmarks/results/in_context_edit.json (kind → split → metric, plus "meta": inputs, command, date,
+machine, wall time; one evaluation per file, replaced atomically by the next) and a grid beside it
 (in_context_edit.png: per kind and split, a row of sources, of true targets and of generated images).
 """
 from __future__ import annotations
@@ -25,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from results_io import OUT, RESULTS, run_facts, write_json
+
 JSON = RESULTS / "in_context_edit.json"
-JUDGE = Path(__file__).resolve().parent / "out" / "scene_classifier_32px.safetensors"
+JUDGE = OUT / "scene_classifier_32px.safetensors"
 SPLITS = ("val", "heldout")
 COLUMNS = ("color", "shape", "both", "position", "removed", "kept", "sec_per_image")
 GUIDANCE = 10.0   # docs/design.md §5: in-context generation samples with CFG 10 (`pipelines.IN_CONTEXT_GUIDANCE`)
@@ -64,7 +66,7 @@ def evaluate(gen: str, decoder: str, judge: str, n: int, guidance: float, steps:
     classifier = load_scene_classifier(judge)
     out: dict = {"meta": {"gen": str(gen), "decoder": str(decoder), "judge": str(judge), "n": n,
                           "guidance": guidance, "steps": steps, "head": type(generator.regression_head).__name__,
-                          "date": time.strftime("%Y-%m-%d"), "machine": _machine()}}
+                          **run_facts()}}
     rows = []
     for kind in EDIT_KINDS:
         out[kind] = {}
@@ -85,12 +87,6 @@ def evaluate(gen: str, decoder: str, judge: str, n: int, guidance: float, steps:
                      resize(_pixels([it["image"] for it in items[:8]]), side), torch.cat(images)[:8]]
             print(kind, split, out[kind][split], flush=True)
     return out, rows
-
-
-def _machine() -> str:
-    from stage1_learning import machine
-
-    return machine()
 
 
 def report(path: Path = JSON) -> str:
@@ -128,9 +124,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     if a.n < 1:
         p.error(f"--n {a.n}: expected at least 1 item per kind and split")
     torch.set_num_threads(a.threads)
+    start = time.time()
     res, rows = evaluate(a.gen, a.decoder, a.judge, a.n, a.guidance, a.steps, a.batch)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+    res["meta"]["wall_s"] = round(time.time() - start, 1)
+    write_json(out, res)
     from torchvision.utils import make_grid, save_image
 
     n = min(len(r) for r in rows)

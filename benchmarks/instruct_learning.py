@@ -23,19 +23,18 @@ the cell of its requested box. Rows: the tuned model with boxes; the same phrase
 then fall to what the phrases alone give); the base stage-2 model with boxes (never saw a `<loc>` token); the
 base model on a caption with position words; the decoder's reconstruction of the true image (the ceiling); and
 chance (the classifier's reading of the true image scored against another item's boxes).
-Writes benchmarks/out/instruct_<mode>.json.
+Merges the result (with command, date, machine, wall time) under "<mode><tag>" into
+benchmarks/results/instruct_learning.json.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
-from stage1_learning import OUT, machine
+from results_io import OUT, merge_result, run_facts
 
 CLASSIFIER = OUT / "scene_classifier_32px.safetensors"
 
@@ -72,7 +71,7 @@ def chat(a: argparse.Namespace) -> dict:
     from emu_lightning.systems.instruct import chat_prompt
 
     base, tuned = load_system(a.base).eval(), load_system(a.tuned).eval()
-    res: dict = {"base": a.base, "tuned": a.tuned, "n": a.n, "machine": machine()}
+    res: dict = {"base": a.base, "tuned": a.tuned, "n": a.n}
     for split in ("test", "heldout"):
         data = SyntheticChat(split, size=a.n, image_size=64, kinds=["vqa", "count", "compare", "video"])
         samples = [_prepare(tuned, data[i]) for i in range(a.n)]
@@ -136,8 +135,7 @@ def gen(a: argparse.Namespace) -> dict:
     base, tuned = load_system(a.base).eval(), load_system(a.tuned).eval()
     decoder = load_system(a.decoder).eval()
     classifier = load_scene_classifier(CLASSIFIER).eval()
-    res: dict = {"base": a.base, "tuned": a.tuned, "decoder": a.decoder, "n": a.n, "guidance": a.guidance,
-                 "machine": machine()}
+    res: dict = {"base": a.base, "tuned": a.tuned, "decoder": a.decoder, "n": a.n, "guidance": a.guidance}
     for split in ("test", "heldout"):
         data = SyntheticGen(split, size=a.n, image_size=64, grounded_p=1.0, subject_p=0.0)
         items = [data[i] for i in range(a.n)]
@@ -207,13 +205,13 @@ def main() -> None:
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--guidance", type=float, default=1.5)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tag", default="", help="suffix of the output file: instruct_<mode><tag>.json")
+    p.add_argument("--tag", default="", help="suffix of the run's key in the results: <mode><tag>")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    start = time.time()
     res = chat(a) if a.mode == "chat" else gen(a)
-    out = OUT / f"instruct_{a.mode}{a.tag}.json"
-    out.write_text(json.dumps(res, indent=2))
-    print(f"wrote {out}")
+    res = {**run_facts(), "threads": a.threads, "wall_s": round(time.time() - start, 1), **res}
+    print(f"wrote {merge_result('instruct_learning', a.mode + a.tag, res)} [{a.mode + a.tag!r}]")
 
 
 if __name__ == "__main__":

@@ -18,11 +18,14 @@ px and saved as JPEG (quality 90); they sit in the page cache, so disk reads are
 data rate / model rate, per round (sides alternate). Where the time goes is profiled once per source in one
 process (num_workers 0, cProfile): generator (synthetic rendering), decode (PIL open + decode + RGB),
 transform (resize, crop, normalise), tokenise, collate (layout, padding, stacking; tokenising excluded).
+Run alone, the rows (with command, date, machine, wall time) merge under the run's UTC start time into
+benchmarks/results/perf_data.json; inside `benchmarks/perf.py` they go to that run's results.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import io
 import json
 import pstats
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 
 from perf_common import Row, interleaved, machine, set_threads, table
+from results_io import merge_result, run_facts, run_key
 from perf_overhead import ROOT, Runner, build
 
 STAGE1 = ROOT / "recipes" / "debug" / "stage1_meanpool.yaml"
@@ -233,9 +237,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--real-size", type=int, default=256, help="side of the generated JPEGs")
     a = p.parse_args()
+    key, start = run_key(), time.perf_counter()
     rows = run(a.rounds, a.batches, a.steps, a.threads, a.real_size)
     print(machine())
     print(table(rows))
+    entry = {**run_facts(), "wall_s": round(time.perf_counter() - start, 1),
+             "rows": [dataclasses.asdict(r) for r in rows]}
+    print(f"wrote {merge_result('perf_data', key, entry)} [{key!r}]")
 
 
 if __name__ == "__main__":

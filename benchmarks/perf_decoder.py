@@ -10,17 +10,22 @@ The plain loop is what diffusers' pipelines do: the condition prepared once (the
 the grid path's upsampled map, as SD's upscaler pipeline concatenates its image condition each step), then
 per step `cat([x] * 2)`, `scale_model_input`, the UNet, the CFG combination and `scheduler.step`. Outputs are
 compared (max abs difference, images in [0, 1]).
+Run alone, the rows (with command, date, machine, wall time) merge under the run's UTC start time into
+benchmarks/results/perf_decoder.json; inside `benchmarks/perf.py` they go to that run's results.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 
 from perf_common import Row, fmt_s, interleaved, machine, min_ratio, ratio_stats, set_threads, table
+from results_io import merge_result, run_facts, run_key
 
 
 @torch.no_grad()
@@ -105,9 +110,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cases", nargs="+", default=["ddim:25:1.5", "euler:25:3.0"], help="sampler:steps:guidance")
     a = p.parse_args()
+    key, start = run_key(), time.perf_counter()
     rows = run(a.batch, a.rounds, a.threads, tuple(a.cases))
     print(machine())
     print(table(rows))
+    entry = {**run_facts(), "wall_s": round(time.perf_counter() - start, 1),
+             "rows": [dataclasses.asdict(r) for r in rows]}
+    print(f"wrote {merge_result('perf_decoder', key, entry)} [{key!r}]")
 
 
 if __name__ == "__main__":

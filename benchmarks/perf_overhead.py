@@ -22,11 +22,14 @@ just before and just after it, and each Lightning step is timed as the wall time
 Also reported: the fixed cost of a fit outside its steps (Trainer construction, fit-start hooks, epoch end, the
 final checkpoint, teardown), and the NaN/Inf guard's gradient test in its old and its current form. Each
 fit's per-step losses are checked to equal the bare twin's (same work).
+Run alone, the rows (with command, date, machine, wall time) merge under the run's UTC start time into
+benchmarks/results/perf_overhead.json; inside `benchmarks/perf.py` they go to that run's results.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib
 import statistics
 import tempfile
@@ -40,6 +43,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from perf_common import Row, fmt_s, interleaved, machine, min_ratio, ratio_stats, set_threads, table
+from results_io import merge_result, run_facts, run_key
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "debug" / "stage2_meanpool.yaml"
@@ -289,9 +293,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--recipe", type=Path, default=RECIPE)
     a = p.parse_args()
+    key, start = run_key(), time.perf_counter()
     rows = run(a.steps, a.rounds, a.threads, a.recipe)
     print(machine())
     print(table(rows))
+    entry = {**run_facts(), "wall_s": round(time.perf_counter() - start, 1),
+             "rows": [dataclasses.asdict(r) for r in rows]}
+    print(f"wrote {merge_result('perf_overhead', key, entry)} [{key!r}]")
 
 
 if __name__ == "__main__":

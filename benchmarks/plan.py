@@ -1,7 +1,7 @@
 """Capacity plan of a stage-2 recipe on a cluster: parameters, memory per GPU, FLOPs, step time, largest micro-batch.
 
     .venv/bin/python benchmarks/plan.py --recipe recipes/emu2/stage2.yaml --gpus 256 --gpu-memory 80 --peak-tflops 989
-        [--mfu 0.4] [--seq-len T] [--images n] [--precision P] [--headroom 0.1] [--json out.json]
+        [--mfu 0.4] [--seq-len T] [--images n] [--precision P] [--headroom 0.1] [--json benchmarks/results/plan.json]
 
 The recipe's parts are built on the meta device (no memory, no weights read); its trainer section gives the
 sharding (FSDP FULL_SHARD when the strategy is `EmuFSDPStrategy` / `EmuModelParallelStrategy`), the checkpointed
@@ -13,14 +13,17 @@ checked against measured FLOPs and peak memory at debug size (tests/test_capacit
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # imported as `benchmarks.plan` by the tests
+from results_io import merge_result, run_facts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -174,8 +177,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=None, help="images per sample (default: the recipe's num_frames)")
     p.add_argument("--precision", default=None, help="override the recipe's trainer.precision")
     p.add_argument("--headroom", type=float, default=0.1, help="memory fraction kept free (context, buffers)")
-    p.add_argument("--json", type=Path, default=None, help="append the plans to this JSON file (a list)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="merge the plans into this results file, keyed '<recipe> on <gpus> GPUs' (plan.json)")
     args = p.parse_args(argv)
+    if args.json and args.json.suffix != ".json":
+        p.error(f"--json {args.json}: expected a results file named <name>.json")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     built = build(args.recipe)
     plans = [plan(args.recipe, g, args.gpu_memory, args.peak_tflops, args.mfu, args.seq_len, args.images,
@@ -183,10 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     for one in plans:
         print(table(one) + "\n")
     if args.json:
-        old = json.loads(args.json.read_text()) if args.json.exists() else []
-        keep = [o for o in old if (o["recipe"], o["gpus"]) not in {(n["recipe"], n["gpus"]) for n in plans}]
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(keep + plans, indent=1))
+        facts = run_facts(argv)
+        for one in plans:
+            merge_result(args.json.stem, f"{one['recipe']} on {one['gpus']} GPUs", {**facts, **one},
+                         results=args.json.parent)
         print(f"wrote {args.json}")
 
 

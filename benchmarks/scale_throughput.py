@@ -1,7 +1,7 @@
 """Throughput: tokens/s and MFU per stage, FLOPs counted per component, and peak memory vs batch.
 
     .venv/bin/python benchmarks/scale_throughput.py [--stages stage1 stage2] [--batches B ...] [--steps 3]
-        [--peak-tflops T] [--recipe R.yaml --device cuda --bf16] [--out benchmarks/out/scale_throughput.json]
+        [--peak-tflops T] [--recipe R.yaml --device cuda --bf16] [--name RUN]
 
 For each stage's debug recipe (built by the real CLI) and batch size: one training step (forward, backward,
 AdamW) under `torch.utils.flop_counter.FlopCounterMode` gives the FLOPs of each part (frozen encoder forward
@@ -12,6 +12,8 @@ step's peak on an accelerator without fragmentation.
 `--recipe` times another recipe (e.g. a ~1B stage-2 one) the same way; `--device cuda` moves the system and batch
 to the GPU, reports `torch.cuda.max_memory_allocated` as the measured peak, and needs `--peak-tflops` (H100 bf16
 dense: 989).
+The rows merge under `--name` (default: the stages or recipe, the device and bf16, e.g. `stage1+stage2_cpu`)
+into benchmarks/results/scale_throughput.json, with the command, date, machine and wall time.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from results_io import merge_result, run_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"stage1": "recipes/debug/stage1_meanpool.yaml", "stage2": "recipes/debug/stage2_meanpool.yaml"}
@@ -149,8 +153,9 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="accelerator peak (TFLOP/s); default: CPU threads × 2.6 GHz × 32 fp32 FLOP/cycle (this "
                         "machine's AMD EPYC: AVX-512 on two 256-bit FMA pipes)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "scale_throughput.json")
+    p.add_argument("--name", default=None, help="the run's key in benchmarks/results/scale_throughput.json")
     args = p.parse_args()
+    start = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = torch.device(args.device)
     if device.type != "cpu" and args.peak_tflops is None:
@@ -162,11 +167,13 @@ def main() -> None:
             [(s, RECIPES[s], args.batches or default[s]) for s in args.stages])
     rows = [r for label, recipe, batches in jobs
             for r in run(label, recipe, batches, args.steps, peak, device, args.bf16)]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"peak_tflops": peak, "matmul_tflops": matmul, "threads": torch.get_num_threads(),
-                                    "device": args.device,
-                                    "bf16": args.bf16, "rows": rows}, indent=1))
-    print(f"peak {peak:.3f} TFLOP/s assumed, a large matmul reaches {matmul:.3f}; wrote {args.out}")
+    name = args.name or "_".join([Path(args.recipe).stem if args.recipe else "+".join(args.stages), args.device,
+                                  *(["bf16"] if args.bf16 else [])])
+    entry = {**run_facts(), "wall_s": round(time.perf_counter() - start, 1), "steps": args.steps,
+             "peak_tflops": peak, "matmul_tflops": matmul, "threads": torch.get_num_threads(), "device": args.device,
+             "bf16": args.bf16, "rows": rows}
+    out = merge_result("scale_throughput", name, entry)
+    print(f"peak {peak:.3f} TFLOP/s assumed, a large matmul reaches {matmul:.3f}; wrote {out} [{name!r}]")
 
 
 if __name__ == "__main__":

@@ -4,14 +4,14 @@ save it, then score it on real rendered val and held-out images (clean, and with
     python benchmarks/scene_classifier.py --image-size 32 --steps 1500
     python benchmarks/scene_classifier.py --image-size 64 --steps 600
 
-Writes benchmarks/out/scene_classifier_<size>px.safetensors (the file `load_or_train_scene_classifier`
-loads) and a .json of the printed numbers beside it. Held-out images hold color-shape pairs the classifier
-never saw; `pair *` columns score only those objects.
+Writes the weights to benchmarks/out/scene_classifier_<size>px.safetensors (the file
+`load_or_train_scene_classifier` loads) and merges the printed numbers (with command, date, machine) under
+"<size>px" (another `--out`: its file stem) into benchmarks/results/scene_classifier.json. Held-out images hold
+color-shape pairs the classifier never saw; `pair *` columns score only those objects.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from emu_lightning.metrics.semantic import (
     EMPTY, SemanticAccuracy, augment, predict_cells, render_batch, save_scene_classifier, scene_targets,
     train_scene_classifier,
 )  # fmt: skip
-from stage1_learning import OUT, machine
+from results_io import OUT, merge_result, run_facts
 
 COLUMNS = ("color", "shape", "both", "empty", "shape small", "shape large", "pair color", "pair shape")
 
@@ -92,16 +92,19 @@ def main() -> None:
     fids = fid_scale(model, val_images)
 
     params = sum(t.numel() for t in model.parameters())
+    facts = run_facts()
     print(f"\nscene classifier {a.image_size}px: {params / 1e3:.0f}k params, {a.steps} steps x batch {a.batch_size}, "
-          f"lr {a.lr}, train {wall:.0f} s ({machine()}); eval {a.eval_size} images per split; saved {out}")
+          f"lr {a.lr}, train {wall:.0f} s ({facts['machine']['cores']} cores, {a.threads} threads); "
+          f"eval {a.eval_size} images per split; saved {out}")
     print("| split | " + " | ".join(COLUMNS) + " |\n|" + "---|" * (len(COLUMNS) + 1))
     for split, r in rows.items():
         print(f"| {split} | " + " | ".join("–" if r[c] is None else f"{r[c]:.4f}" for c in COLUMNS) + " |")
     print("scene FID vs first half of val: " + ", ".join(f"{k} {v:.3f}" for k, v in fids.items()))
-    result = {"image_size": a.image_size, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
-              "params": params, "train_s": round(wall, 1), "eval_size": a.eval_size, "machine": machine(),
-              "date": time.strftime("%Y-%m-%d"), "accuracy": rows, "fid": fids}
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    result = {**facts, "image_size": a.image_size, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
+              "seed": a.seed, "params": params, "train_s": round(wall, 1), "steps_per_s": round(a.steps / wall, 2),
+              "eval_size": a.eval_size, "weights": str(out), "accuracy": rows, "fid": fids}
+    key = f"{a.image_size}px" if a.out is None else out.stem   # another --out: a run of its own
+    print(f"wrote {merge_result('scene_classifier', key, result)} [{key!r}]")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 val split and the held-out color-shape split with CIDEr-D and attribute accuracy.
 
     python benchmarks/stage1_learning.py --recipe recipes/debug/stage1_cformer.yaml --steps 6000 --threads 1
-    python benchmarks/stage1_learning.py --report    # table of every finished run in benchmarks/out/
+    python benchmarks/stage1_learning.py --report    # table of every run in benchmarks/results/stage1_learning.json
     python benchmarks/stage1_learning.py --recipe ... --name NAME --ckpt PATH   # re-score a finished run
 
-Each run writes benchmarks/out/<name>.json (metrics, steps, wall time, steps/s) and its TensorBoard logs
-under benchmarks/out/runs/<name>.
+Each run merges its entry (command, date, machine, steps, wall time, steps/s, metrics) under its name into
+benchmarks/results/stage1_learning.json; its overlay and TensorBoard logs (checkpoints) go to
+benchmarks/out/<name>.overlay.yaml and benchmarks/out/runs/<name>.
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from results_io import OUT, merge_result, read_results, run_facts
+
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "out"
+NAME = "stage1_learning"   # benchmarks/results/stage1_learning.json
 COLUMNS = ["cider_greedy", "shape_acc_greedy", "color_acc_greedy", "size_acc_greedy", "position_acc_greedy",
            "all_acc_greedy", "count_acc_greedy", "pair_shape_acc_greedy", "pair_color_acc_greedy",
            "cider_beam", "shape_acc_beam", "color_acc_beam"]
@@ -42,6 +45,7 @@ def overlay(name: str, steps: int, eval_size: int, val_every: int) -> Path:
 
 
 def machine() -> str:
+    """One-line machine summary (kept for scripts that still print it; results entries use `run_facts()`)."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown CPU")
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
@@ -58,30 +62,33 @@ def run(recipe: str, steps: int, threads: int, eval_size: int, name: str | None,
                     "--data.init_args.num_workers", "1", *extra])
     wall = time.time() - start
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-    result = {"name": name, "recipe": recipe, "steps": cli.trainer.global_step,
+    result = {"name": name, **run_facts(), "recipe": recipe, "steps": cli.trainer.global_step,
               "overrides": extra, "wall_s": round(wall, 1),
               "steps_per_s": round(cli.trainer.global_step / wall, 2), "threads": threads, "eval_size": eval_size,
-              "date": time.strftime("%Y-%m-%d"), "machine": machine(), "metrics": metrics}
-    (OUT / f"{name}.json").write_text(json.dumps(result, indent=1))
+              "logs": os.path.relpath(cli.trainer.log_dir or OUT / "runs" / name, ROOT), "metrics": metrics}
+    merge_result(NAME, name, result)
     return result
 
 
 def rescore(recipe: str, name: str, ckpt: str, threads: int, eval_size: int, extra: list[str]) -> dict:
-    """Validate a finished run's checkpoint with the current code; the metrics replace those in NAME.json."""
+    """Validate a finished run's checkpoint with the current code; the metrics replace those of run `name`."""
     from emu_lightning.cli import cli_main
 
     torch.set_num_threads(threads)
-    result = json.loads((OUT / f"{name}.json").read_text())
+    runs = read_results(NAME)
+    if name not in runs:
+        raise ValueError(f"run {name!r} is not in benchmarks/results/{NAME}.json (runs: {sorted(runs)})")
+    result = runs[name]
     cli = cli_main(["validate", "--config", recipe, "--config", str(overlay(name + "_rescore", 1, eval_size, 1)),
                     "--ckpt_path", ckpt, *extra])
     result["metrics"] = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-    result["rescored_from"] = ckpt
-    (OUT / f"{name}.json").write_text(json.dumps(result, indent=1))
+    result["rescored"] = {"from": ckpt, **run_facts()}
+    merge_result(NAME, name, result)
     return result
 
 
 def report() -> str:
-    rows = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    rows = [{"name": k, **r} for k, r in sorted(read_results(NAME).items())]
     head = "| run | steps | steps/s | split | " + " | ".join(COLUMNS) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:

@@ -3,7 +3,9 @@
     python benchmarks/stage2_generation_speed.py --tokens 64 --batch 4 --threads 2
 
 Model: the debug stage-2 mean-pool recipe's parts (Llama D 256 × 4 layers), with the adapter grid raised to 8
-so N = 64. Prints one table row; both paths are also checked to agree (max abs difference).
+so N = 64. Prints one table row; both paths are also checked to agree (max abs difference). The row merges
+under "N<tokens>_batch<batch>_threads<threads>" into benchmarks/results/stage2_generation_speed.json, with the
+command, date and machine.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import time
 import torch
 
 from emu_lightning.cli import cli_main
+from results_io import merge_result, run_facts
 
 
 def main() -> None:
@@ -44,6 +47,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     print(f"| {m.num_image_tokens} | {a.batch} | {a.threads} | {times[True]:.3f} | {times[False]:.3f} | "
           f"{times[False] / times[True]:.1f}× | {diff:.2e} |")
+    entry = {**run_facts(), "tokens": m.num_image_tokens, "batch": a.batch, "threads": a.threads,
+             "repeats": a.repeats, "timing": "fastest of --repeats", "kv_cache_s": times[True],
+             "full_recompute_s": times[False], "speedup": times[False] / times[True], "max_abs_diff": diff}
+    merge_result("stage2_generation_speed", f"N{m.num_image_tokens}_batch{a.batch}_threads{a.threads}", entry)
 
 
 if __name__ == "__main__":

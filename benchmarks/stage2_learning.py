@@ -5,19 +5,24 @@ regression quality (teacher-forced and free KV-cached generation), few-shot CIDE
         --init-from benchmarks/out/runs/stage1_meanpool/version_0/checkpoints/last.ckpt --name stage2_meanpool
     python benchmarks/stage2_learning.py --report
 
-Each run writes benchmarks/out/<name>.json and TensorBoard logs under benchmarks/out/runs/<name>.
+Each run merges its entry (command, date, machine, steps, wall time, steps/s, metrics) under its name into
+benchmarks/results/stage2_learning.json; its overlay and TensorBoard logs (checkpoints) go to benchmarks/out/.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from stage1_learning import OUT, machine
+from results_io import OUT, merge_result, read_results, run_facts
+from stage1_learning import ROOT
+
+NAME = "stage2_learning"   # benchmarks/results/stage2_learning.json
 
 SETS = ("val_captions", "val_vqa", "val_videos")
 
@@ -47,16 +52,17 @@ def run(a: argparse.Namespace, extra: list[str]) -> dict:
     cli = cli_main(["fit", "--config", a.recipe, "--config", str(overlay(name, a.steps, a.eval_size, a.val_every or a.steps)),
                     "--data.init_args.num_workers", "1", *init, *extra])
     wall = time.time() - start
-    result = {"name": name, "recipe": a.recipe, "init_from": a.init_from, "steps": cli.trainer.global_step,
-              "overrides": extra, "wall_s": round(wall, 1), "steps_per_s": round(cli.trainer.global_step / wall, 2),
-              "threads": a.threads, "eval_size": a.eval_size, "date": time.strftime("%Y-%m-%d"),
-              "machine": machine(), "metrics": {k: float(v) for k, v in cli.trainer.callback_metrics.items()}}
-    (OUT / f"{name}.json").write_text(json.dumps(result, indent=1))
+    result = {"name": name, **run_facts(), "recipe": a.recipe, "init_from": a.init_from,
+              "steps": cli.trainer.global_step, "overrides": extra, "wall_s": round(wall, 1),
+              "steps_per_s": round(cli.trainer.global_step / wall, 2), "threads": a.threads, "eval_size": a.eval_size,
+              "logs": os.path.relpath(cli.trainer.log_dir or OUT / "runs" / name, ROOT),
+              "metrics": {k: float(v) for k, v in cli.trainer.callback_metrics.items()}}
+    merge_result(NAME, name, result)
     return result
 
 
 def report() -> str:
-    rows = [json.loads(p.read_text()) for p in sorted(OUT.glob("stage2*.json"))]
+    rows = [{"name": k, **r} for k, r in sorted(read_results(NAME).items())]
     cols = ["train text CE", "val text CE", "reg cos (teacher-forced)", "gen cos", "gen mse"]
     shots = ["k0", "k2_random", "k4_random", "k8_random", "k2_rices", "k4_rices", "k8_rices"]
     out = ["| run | steps | steps/s | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]

@@ -10,24 +10,21 @@ free-generation cosine / MSE of the generated embeddings against the encoder's e
         --stage2 <t2i run dir> --decoder <decoder_t2i run dir> [--n 256 --guidance 1.0 --steps 10]
     python benchmarks/text_to_image.py --report                                      # the markdown table
 
-Results merge into benchmarks/results/text_to_image.json (arm → split → metric) and a grid per arm (real |
-generated, 12 each per split) goes to benchmarks/results/text_to_image/<arm>.png.
+Results merge into benchmarks/results/text_to_image.json (arm → split → metric, and "meta": the arm's inputs,
+command, date, machine and wall time) and a grid per arm (real | generated, 12 each per split) goes to
+benchmarks/results/text_to_image/<arm>.png.
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
-import json
 import time
-from pathlib import Path
 
 import torch
 
 from decoder_learning import CLASSIFIER, scenes_batch
-from stage1_learning import machine
+from results_io import RESULTS, merge_result, read_results, run_facts
 
-RESULTS = Path(__file__).resolve().parent / "results"
-JSON = RESULTS / "text_to_image.json"
+NAME = "text_to_image"   # benchmarks/results/text_to_image.json
 COLUMNS = ("color", "shape", "both", "position", "gen_cos", "sec_per_image")
 
 
@@ -45,7 +42,7 @@ def evaluate(stage2: str, decoder: str, n: int, guidance: float, steps: int, bat
     null = generator.generate_image_embeddings([[("text", "")]])
     out: dict = {"meta": {"stage2": stage2, "decoder": decoder, "n": n, "guidance": guidance, "steps": steps,
                           "head": type(generator.regression_head).__name__, "objective": generator.objective,
-                          "date": time.strftime("%Y-%m-%d"), "machine": machine()}}
+                          **run_facts()}}
     grids = []
     for split in ("val", "heldout"):
         x, scenes, captions = scenes_batch(split, n)
@@ -73,7 +70,7 @@ def evaluate(stage2: str, decoder: str, n: int, guidance: float, steps: int, bat
 
 
 def report() -> str:
-    rows = json.loads(JSON.read_text()) if JSON.is_file() else {}
+    rows = read_results(NAME)
     head = "| arm | split | " + " | ".join(COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for arm, res in rows.items():
@@ -100,13 +97,10 @@ def main() -> None:
     if not (a.arm and a.stage2 and a.decoder):
         p.error("--arm, --stage2 and --decoder are required (or --report)")
     torch.set_num_threads(a.threads)
+    start = time.time()
     res, grids = evaluate(a.stage2, a.decoder, a.n, a.guidance, a.steps)
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / ".text_to_image.lock", "w") as lock:   # arms evaluated in parallel merge one at a time
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = json.loads(JSON.read_text()) if JSON.is_file() else {}
-        rows[a.arm] = res
-        JSON.write_text(json.dumps(rows, indent=1))
+    res["meta"]["wall_s"] = round(time.time() - start, 1)
+    merge_result(NAME, a.arm, res)   # arms evaluated in parallel merge one at a time
     from torchvision.utils import make_grid, save_image
 
     png = RESULTS / "text_to_image" / f"{a.arm.replace('/', '_')}.png"
