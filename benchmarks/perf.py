@@ -8,13 +8,13 @@ Each part also runs alone (`benchmarks/perf_overhead.py`, `perf_data.py`, `perf_
 `perf_decoder.py`) with its own options. Every pair is measured alternately in this one process (A, B, B, A, ...)
 and reported as the ratio of the medians with the min-max of the per-round ratios: the machine's noise hits
 both sides of a pair alike. Torch runs `--threads` intra-op threads (default 2) and 1 inter-op thread.
-The table (markdown) and a JSON of the rows go to `benchmarks/out/perf_<UTC time>.{md,json}`.
+The table (markdown) goes to `benchmarks/out/perf_<UTC time>.md`; the rows merge into
+`benchmarks/results/perf.json` under the run's UTC start (a `--quick` smoke run writes only the table).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -29,6 +29,7 @@ import perf_decoder  # noqa: E402
 import perf_generation  # noqa: E402
 import perf_overhead  # noqa: E402
 from perf_common import machine, set_threads, table  # noqa: E402
+from results_io import merge_result, run_facts  # noqa: E402
 
 PARTS = ("overhead", "data", "generation", "decoder")
 
@@ -66,11 +67,15 @@ def main() -> None:
     print()
     print(text)
     a.out.mkdir(parents=True, exist_ok=True)
-    name = f"perf_{stamp:%Y%m%dT%H%M%S}" + ("_quick" if q else "")
+    key = f"{stamp:%Y%m%dT%H%M%S}"
+    name = f"perf_{key}" + ("_quick" if q else "")
     (a.out / f"{name}.md").write_text(text + "\n")
-    (a.out / f"{name}.json").write_text(json.dumps({"header": header, "rows": [dataclasses.asdict(r) for r in rows]},
-                                                   indent=1))
-    print(f"\nwritten: {a.out / name}.md, .json")
+    print(f"\nwritten: {a.out / name}.md")
+    if not q:   # a smoke run is not for reporting
+        path = merge_result("perf", key, {**run_facts(), "wall_s": round(total, 1),
+                                          "wall_s_by_part": {k: round(v, 1) for k, v in seconds.items()},
+                                          "header": header, "rows": [dataclasses.asdict(r) for r in rows]})
+        print(f"merged into {path} as {key}")
 
 
 if __name__ == "__main__":

@@ -3,20 +3,29 @@ generation tokens/s with and without the cache, in one run (sides alternate).
 
     python benchmarks/perf_generation.py --tokens 64 --batch 4 --rounds 3 --threads 2
 
+The KV-cached side is what `generate_image_embeddings` runs (`LlamaLM.start_decoding`: static K/V buffers and
+direct layer math); a third side, timed in the same rounds, runs the same loop through transformers' forward with
+a `DynamicCache` (`generate_visual_cached(..., lean=False)`), the cached loop before the static-cache step.
+
 Model: the debug stage-2 mean-pool recipe's parts (Llama D 256 × 4 layers, random weights), with the adapter grid
 raised so N = `--tokens` (64: an 8 × 8 grid). Prompts: `short`, one sentence, an image and a sentence (the
 prompt of `stage2_generation_speed.py`); `long`, a four-image interleaved document (`--long-images`). Both loops are
 checked to agree (max abs difference). Text: greedy decoding of `--text-tokens` new tokens with no end token (every
-prompt generates exactly that many), HF `generate` with `use_cache` True / False.
+prompt generates exactly that many), HF `generate` with `use_cache` True / False. Run alone, the rows merge into
+`benchmarks/results/perf_generation.json` (`perf.py` merges its own into `results/perf.json`).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
+import time
 
 import torch
 
+from components.generation import generate_visual_cached
 from perf_common import Row, fmt_s, interleaved, machine, min_ratio, ratio_stats, set_threads, table
+from results_io import merge_result, run_facts, run_key
 
 SENTENCES = ["a small red circle in the top left.", "then it turns blue.", "a large green square moves right.",
              "the star fades on a gray background.", "two triangles meet in the middle."]
@@ -60,13 +69,27 @@ def run(tokens: int = 64, batch: int = 4, rounds: int = 3, threads: int = 2, lon
         def gen(use_cache, docs=docs):
             outs[use_cache] = m.generate_image_embeddings(docs, use_cache=use_cache)
 
-        times = interleaved({"cache": lambda: gen(True), "recompute": lambda: gen(False)}, rounds=rounds, warmup=1)
+        def generic(docs=docs):   # the same cached loop stepping transformers' forward with a DynamicCache
+            with torch.no_grad():
+                outs["generic"] = generate_visual_cached(m.llm, m.regression_head, m.feedback,
+                                                         *m._prompt(docs, [m.ids.img]), m.num_image_tokens, lean=False)
+
+        times = interleaved({"cache": lambda: gen(True), "recompute": lambda: gen(False), "generic": generic},
+                            rounds=rounds, warmup=1)
         diff = (outs[True] - outs[False]).abs().max().item()
+        case = f"{m.num_image_tokens} visual embeddings, {kind} prompt ({T} tokens), batch {batch}"
         r, lo, hi = ratio_stats(times["recompute"], times["cache"])
-        rows.append(Row("generation", f"{m.num_image_tokens} visual embeddings, {kind} prompt ({T} tokens), batch {batch}",
-                        r, "≥ 10×", f"KV cache {fmt_s(statistics.median(times['cache']))}",
+        rows.append(Row("generation", case, r, "≥ 10×", f"KV cache {fmt_s(statistics.median(times['cache']))}",
                         f"full recompute {fmt_s(statistics.median(times['recompute']))}", f"{lo:.1f}–{hi:.1f}", rounds,
                         f"max abs diff {diff:.1e}", ratio_min=min_ratio(times["recompute"], times["cache"])))
+        r, lo, hi = ratio_stats(times["generic"], times["cache"])
+        diff = (outs[True] - outs["generic"]).abs().max().item()
+        rows.append(Row("generation", case + ": static-cache step / transformers' cached forward", r, "",
+                        f"static-cache step {fmt_s(statistics.median(times['cache']))}",
+                        f"cached forward {fmt_s(statistics.median(times['generic']))}", f"{lo:.2f}–{hi:.2f}", rounds,
+                        "ratio = speed-up of `LlamaLM.start_decoding` over the DynamicCache loop; "
+                        f"max abs diff {diff:.1e}",
+                        ratio_min=min_ratio(times["generic"], times["cache"])))
     # Text: tokens/s of greedy decoding, cache on and off.
     embeds, mask = m._prompt(prompts("short", batch, long_images), [])
 
@@ -95,9 +118,13 @@ def main() -> None:
     p.add_argument("--long-images", type=int, default=4)
     p.add_argument("--text-tokens", type=int, default=32)
     a = p.parse_args()
+    key, start = run_key(), time.perf_counter()
     rows = run(a.tokens, a.batch, a.rounds, a.threads, a.long_images, a.text_tokens)
     print(machine())
     print(table(rows))
+    entry = {**run_facts(), "wall_s": round(time.perf_counter() - start, 1),
+             "rows": [dataclasses.asdict(r) for r in rows]}
+    print(f"wrote {merge_result('perf_generation', key, entry)} [{key!r}]")
 
 
 if __name__ == "__main__":

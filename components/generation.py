@@ -4,7 +4,9 @@ For k = 0..N-1 the regression head reads the hidden state of the last position (
 generated `<image>`), and its output — mapped back to the LLM input space by `feedback` (Emu1: identity;
 Emu2: `project_up`) — becomes the next input embedding. The official inference re-runs the whole sequence
 for every embedding; with causal attention that work is redundant, so `generate_visual_cached` keeps the
-LLM's KV cache and feeds one embedding per step. Both return the same (B,N,D_tgt) embeddings.
+LLM's KV cache and feeds one embedding per step. Both return the same (B,N,D_tgt) embeddings. An LLM may offer
+a leaner step of its own (`start_decoding`: `LlamaLM`'s static K/V buffers and direct layer math,
+`components.llm.llama_decode`), which the cached loop then uses.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def _ones(mask: Tensor, n: int = 1) -> Tensor:
 
 @torch.no_grad()
 def generate_visual_cached(llm: CausalLM, head: Callable[[Tensor], Tensor], feedback: Callable[[Tensor], Tensor],
-                           embeds: Tensor, mask: Tensor, num_tokens: int) -> Tensor:
+                           embeds: Tensor, mask: Tensor, num_tokens: int, lean: bool = True) -> Tensor:
     """KV-cached loop: one LLM step per embedding.
 
     Args:
@@ -32,10 +34,21 @@ def generate_visual_cached(llm: CausalLM, head: Callable[[Tensor], Tensor], feed
         embeds: (B,T,D_llm) prompt embeddings ending with `[IMG]` (left-padded).
         mask: (B,T) attention mask of the prompt.
         num_tokens: N embeddings to generate.
+        lean: step through the LLM's own static-cache decoder where it offers one (`start_decoding`, e.g.
+            `LlamaLM`: preallocated K/V, direct layer math; `LlamaLM(lean_decoding=False)` turns it off for
+            every caller); False, an LLM without one or one it refuses steps `forward` with its cache object.
+            Both give the same embeddings (within float rounding).
 
     Returns:
         (B,N,D_tgt) predicted visual embeddings.
     """
+    start = getattr(llm, "start_decoding", None) if lean else None
+    decoder = start(embeds, mask, num_tokens - 1) if start is not None else None
+    if decoder is not None:
+        preds = [head(decoder.hidden[:, -1])]                      # (B,D_tgt) read at [IMG]
+        for _ in range(num_tokens - 1):
+            preds.append(head(decoder.step(feedback(preds[-1]))))  # one new position per step
+        return torch.stack(preds, dim=1)
     hidden, cache = llm(embeds, mask, llm.new_cache())
     preds = [head(hidden[:, -1])]                                  # (B,D_tgt) read at [IMG]
     for _ in range(num_tokens - 1):

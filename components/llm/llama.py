@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from components.llm.llama_decode import StaticDecoder, unsupported
+
 ATTN_IMPLEMENTATION = "sdpa"  # works on CPU and GPU in transformers 5; flash-attn is not a dependency
 
 
@@ -35,6 +37,8 @@ class LlamaLM(nn.Module):
         max_position_embeddings: Longest sequence (LLaMA-1: 2048).
         pretrained_path: Local Hugging Face model directory; when given, the shape arguments are ignored.
         gradient_checkpointing: Recompute decoder layers in the backward pass.
+        lean_decoding: let the visual-embedding loop step through `start_decoding` (static K/V buffers, direct
+            layer math, `llama_decode`); False keeps transformers' forward with a `DynamicCache` for every step.
     """
 
     def __init__(
@@ -48,6 +52,7 @@ class LlamaLM(nn.Module):
         max_position_embeddings: int = 2048,
         pretrained_path: str | None = None,
         gradient_checkpointing: bool = False,
+        lean_decoding: bool = True,
     ) -> None:
         super().__init__()
         if pretrained_path is not None:
@@ -74,6 +79,7 @@ class LlamaLM(nn.Module):
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.hidden_dim: int = self.model.config.hidden_size
         self.block_cls: type[nn.Module] = LlamaDecoderLayer
+        self.lean_decoding = lean_decoding
 
     @property
     def vocab_size(self) -> int:
@@ -87,6 +93,18 @@ class LlamaLM(nn.Module):
     def new_cache(self) -> DynamicCache:
         """An empty KV cache; pass it to `forward` to start incremental decoding."""
         return DynamicCache(config=self.model.config)
+
+    def start_decoding(self, embeds: Tensor, mask: Tensor, max_steps: int) -> StaticDecoder | None:
+        """Prefill `embeds` (B,T,D_llm) / `mask` (B,T) for a lean one-position-per-step loop (`llama_decode`).
+
+        Returns a `StaticDecoder` (`.hidden` the prompt's hidden state, `.step(x)` (B,D_llm) → (B,D_llm)) with
+        room for `max_steps` new positions, or None when `lean_decoding` is off or its direct layer math would not
+        reproduce this model (`llama_decode.unsupported`: hooks of sharding or offloading, a length-dependent RoPE,
+        subclassed layers); the caller then decodes with `new_cache` and `forward`.
+        """
+        if not self.lean_decoding or unsupported(self) is not None:
+            return None
+        return StaticDecoder(self, embeds, mask, max_steps)
 
     def forward(self, embeds: Tensor, mask: Tensor, cache: Any | None = None) -> tuple[Tensor, Any]:
         """Run the decoder; with a cache, `mask` covers past and new tokens (B,T_past+T).
