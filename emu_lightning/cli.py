@@ -3,7 +3,8 @@
 The model owns the tokenizer and N (visual tokens per image); both are linked into the datamodule, so
 swapping the adapter is one `class_path` line and the collate always agrees with it. Checkpoints are written
 atomically and read `weights_only` (`SafeCheckpointIO`) unless the recipe's `trainer.plugins` names another
-CheckpointIO.
+CheckpointIO. `--empty_init true` builds the model's parts on the meta device for a hand-off from full-size shards
+(`checkpoints/shards.py`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import logging
 import warnings
+from contextlib import nullcontext
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
@@ -28,6 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from callbacks.hparams import ConfigToTensorBoard
 from emu_lightning.checkpoints.handoff import CheckpointInfo, key_differences, part_names
 from emu_lightning.checkpoints.io import SafeCheckpointIO, safe_load
+from emu_lightning.checkpoints.shards import empty_init
 from emu_lightning.systems.base import PartsSystem
 
 # Known-benign messages, silenced here so that a run's log shows what needs attention:
@@ -58,6 +61,13 @@ class EmuCLI(LightningCLI):
                               apply_on="instantiate")
         parser.link_arguments("model", "data.init_args.num_image_tokens",
                               compute_fn=lambda m: m.num_image_tokens, apply_on="instantiate")
+        # How the CLI builds the model, not a hyper-parameter of it: LightningCLI builds the injected parts before
+        # the system exists, so only the CLI can build them empty. Saved in the run's config.yaml, not the ckpt.
+        parser.add_argument("--empty_init", type=bool, default=False,
+                            help="Build the model's parameters on the meta device and let the hand-off assign "
+                                 "model.init_args.init_from's tensors (memory-mapped safetensors shards: one copy "
+                                 "of the weights, not two); what init_from does not hold is initialised at setup. "
+                                 "Ignored with --ckpt_path, which restores every part.")
 
     def before_instantiate_classes(self) -> None:
         # `--trainer.enable_progress_bar false` (logs to a file, CI) wins over the recipe's RichProgressBar.
@@ -101,6 +111,10 @@ class EmuCLI(LightningCLI):
         path = self.config[sub].get("ckpt_path") if sub else None
         if not path:
             return
+        if Path(path).is_dir():
+            # A sharded checkpoint (`EmuModelParallelStrategy`/FSDP2 saves a folder of per-rank files): the strategy
+            # reads it; its hyper-parameters and parts are not checked here.
+            return
         if not Path(path).is_file():
             if str(path) in ("last", "best", "hpc") or str(path).startswith("registry"):
                 return                                              # Lightning's own names, resolved by the Trainer
@@ -123,9 +137,31 @@ class EmuCLI(LightningCLI):
 
     _ckpt_hparams = False                    # the model config holds `--ckpt_path`'s hyper-parameters
 
+    def _build_empty(self) -> bool:
+        """Whether `--empty_init true` applies: with `init_from` to assign and no `--ckpt_path` (a resume builds
+        normally: Lightning's restore copies the checkpoint into existing tensors, and under FSDP the checkpoint
+        holds every part anyway)."""
+        cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+        if not cfg.get("empty_init"):
+            return False
+        init_from = cfg.get("model") and cfg.model.get("init_args") and cfg.model.init_args.get("init_from")
+        if cfg.get("ckpt_path"):
+            print(f"--empty_init is ignored: --ckpt_path {cfg.ckpt_path} restores every part into a model built "
+                  "the ordinary way", flush=True)
+            return False
+        if not init_from:
+            raise ValueError("--empty_init true builds the parts on the meta device for model.init_args.init_from "
+                             "to fill, but init_from is not set: give the weights, or leave empty_init false")
+        print(f"--empty_init: parameters built on the meta device; init_from={init_from} is assigned (memory-mapped "
+              "when safetensors) at setup, and what it does not hold is initialised then", flush=True)
+        return True
+
     def instantiate_classes(self) -> None:
         try:
-            super().instantiate_classes()
+            # Everything LightningCLI builds is inside `empty_init()`, but only the model holds parameters (data
+            # modules, callbacks and the Trainer hold none; a parameter left on meta fails at setup anyway).
+            with empty_init() if self._build_empty() else nullcontext():
+                super().instantiate_classes()
         except Exception as err:
             if not (self._ckpt and self._ckpt_hparams):
                 raise

@@ -155,12 +155,20 @@ def load_parts(parts: dict[str, nn.Module], path: str, mapping: dict[str, str],
             raise info.mismatch(system, needs, f"; part {target!r}: shapes differ (checkpoint vs model): {bad[:3]}",
                                 f"The recipe's {target} is not the size that was saved")
         # A part built on the meta device (`shards.empty_init`) takes the checkpoint's tensors themselves: nothing
-        # is copied, and memory-mapped shards stay file-backed.
-        parts[target].load_state_dict(sub, strict=True, assign=bool(meta_tensors(parts[target])))
-        if meta_tensors(parts[target]):
-            raise ValueError(f"part {target!r} was built on the meta device and {meta_tensors(parts[target])[:3]} "
-                             f"are still there after loading {path}")
+        # is copied, and memory-mapped shards stay file-backed, unless the part was built in another dtype (then
+        # one cast, as a copy into an ordinary build). Its fresh LoRA factors (from `lora_names`, not from the file)
+        # stay on meta here; `shards.materialize` initialises them (`PartsSystem.setup`).
+        empty = bool(meta_tensors(parts[target]))
+        if empty:
+            sub = {k: v.to(own[k].dtype) if v.is_floating_point() and v.dtype != own[k].dtype else v
+                   for k, v in sub.items()}
+        parts[target].load_state_dict(sub, strict=True, assign=empty)
         after = parts[target].state_dict()
-        assert all(torch.equal(after[k].cpu(), sub[k].to(after[k].dtype)) for k in sub), f"{target} did not load"
+        if still := [k for k in sub if after[k].is_meta and not sub[k].is_meta]:
+            raise ValueError(f"part {target!r}: {still[:3]} ({len(still)}) are on the meta device after assigning "
+                             f"{path}'s tensors: load outside `empty_init()`, which moves every parameter set "
+                             "inside it to meta")
+        assert all(torch.equal(after[k].cpu(), sub[k].to(after[k].dtype)) for k in sub if not sub[k].is_meta), \
+            f"{target} did not load"
         report.loaded[target] = len(sub)
     return report

@@ -9,17 +9,23 @@ loaded checkpoint beside them: about twice the model. Instead:
 - `empty_init()` builds parts with their parameters on the meta device (no memory; buffers such as RoPE tables stay
   real: `accelerate.init_empty_weights(include_buffers=False)`, as transformers' own loading does), and the stage
   hand-off (`handoff.load_parts`) then *assigns* the mapped tensors to such a part (`load_state_dict(assign=True)`):
-  the parameters are the file's pages, nothing is copied.
+  the parameters are the file's pages, nothing is copied;
+- `materialize` then gives what the checkpoint did not hold (a fresh regression head, fresh LoRA factors) real
+  memory and its own initialisation, as Lightning's `ModelParallelStrategy` and torchtitan do for meta-device init:
+  `to_empty` + the module's `reset_parameters()` (peft's `reset_lora_parameters` for LoRA factors: A Kaiming, B = 0),
+  and names every tensor that has neither.
 
-Under FSDP each rank reads only what it needs the same way: mapping a shard costs nothing until a tensor is touched.
+`main.py … --empty_init true` builds the recipe's model this way (`EmuCLI`, docs/converting.md "Full-size weights").
 """
 from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from torch import Tensor, nn
 
 INDEX = "model.safetensors.index.json"
@@ -78,3 +84,52 @@ def empty_init() -> Iterator[None]:
 def meta_tensors(module: nn.Module) -> list[str]:
     """Names of the module's parameters and buffers that are still on the meta device (not loaded)."""
     return [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+
+
+def _own_meta(module: nn.Module) -> list[str]:
+    return [n for n, t in chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False))
+            if t.is_meta]
+
+
+@torch.no_grad()
+def materialize(parts: dict[str, nn.Module], device: str | torch.device = "cpu") -> dict[str, list[str]]:
+    """Give every tensor of `parts` still on the meta device (what a hand-off into an empty build did not load)
+    memory on `device` and its module's own initialisation: peft's `reset_lora_parameters` for a LoRA layer's
+    factors (as peft initialises them: A Kaiming-uniform, B = 0), else the module's `reset_parameters()`.
+
+    Returns part → the modules initialised (`regression_head.proj (Linear)`), for the log.
+
+    Raises:
+        ValueError: naming every part and tensor left on meta because its module has no `reset_parameters()`
+            (e.g. transformers' `LlamaRMSNorm`): such a part must be loaded (init_from + handoff) or built normally.
+    """
+    from emu_lightning.systems.lora import lora_layers
+
+    done: dict[str, list[str]] = {}
+    stuck: list[str] = []
+    for part, module in parts.items():
+        for name, layer in lora_layers(module).items():
+            for adapter in layer.lora_A:
+                factors = (layer.lora_A[adapter], layer.lora_B[adapter])
+                if any(_own_meta(f) for f in factors):
+                    for f in factors:
+                        f.to_empty(device=device)
+                    layer.reset_lora_parameters(adapter, True)
+                    done.setdefault(part, []).append(f"{part}.{name}.lora_{{A,B}}.{adapter}")
+        for name, sub in module.named_modules():
+            meta, where = _own_meta(sub), ".".join(filter(None, (part, name)))
+            if not meta:
+                continue
+            sub.to_empty(device=device, recurse=False)   # memory; left uninitialised only where the run stops below
+            if not callable(getattr(sub, "reset_parameters", None)):
+                stuck += [f"{where}.{t}" for t in meta]
+                continue
+            sub.reset_parameters()
+            done.setdefault(part, []).append(f"{where} ({type(sub).__name__})")
+    if stuck:
+        # (materialised first all the same: Lightning's teardown after this error cannot move meta tensors)
+        raise ValueError(f"{len(stuck)} tensors are still on the meta device (built empty, not in init_from, and "
+                         f"their module has no reset_parameters()): {stuck[:8]}; parts "
+                         f"{sorted({s.split('.')[0] for s in stuck})}. Load them (init_from + "
+                         "model.init_args.handoff) or run without --empty_init")
+    return done

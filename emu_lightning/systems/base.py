@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from emu_lightning.checkpoints.io import rng_state, set_rng_state
 from emu_lightning.checkpoints.handoff import load_parts
+from emu_lightning.checkpoints.shards import materialize, meta_tensors
 from emu_lightning.data.layout.tokenizer import load_tokenizer
 from emu_lightning.data.layout.tokens import SpecialIds
 from emu_lightning.data.modules.ranks import gather, rank_world
@@ -86,10 +87,23 @@ class PartsSystem(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         # The hand-off runs once, before Lightning restores a `ckpt_path` (which then wins, as on resume).
+        if meta_tensors(self) and self._trainer is not None:
+            # Built empty under a `*-true` precision: take its dtype now, as the precision plugin's `convert_module`
+            # would after setup (free on meta), so that a file of that dtype is assigned without a copy.
+            dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(str(self.trainer.precision))
+            if dtype is not None:
+                self.to(dtype)
         if self.init_from and self.handoff_report is None:
             self.handoff_report = load_parts(self.parts, self.init_from, self.handoff, type(self).__name__,
                                              self.handoff_optional)
             rank_zero_info(str(self.handoff_report))
+        if meta_tensors(self):   # built empty (`main.py --empty_init true`): initialise what init_from did not hold
+            for part, modules in materialize(self.parts).items():
+                rank_zero_info(f"  {part:<16} initialised after the empty build: {', '.join(modules[:4])}"
+                               + (f" and {len(modules) - 4} more" if len(modules) > 4 else ""))
+            if left := meta_tensors(self):
+                raise ValueError(f"{len(left)} tensors of {type(self).__name__} are still on the meta device after "
+                                 f"the hand-off, outside its parts {sorted(self.parts)}: {left[:8]}")
 
     def configure_model(self) -> None:
         # Sharding sits beside the model (sharding.py): FSDP2 under EmuModelParallelStrategy, else nothing.

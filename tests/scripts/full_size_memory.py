@@ -5,11 +5,11 @@
     python -m tests.scripts.full_size_memory convert DIR [--shard-size 256MB]   # DIR/emu2.bin → DIR/converted
     python -m tests.scripts.full_size_memory load DIR --mode empty|plain          # the converted parts, loaded
 
-`load --mode empty` builds the Stage-2 system (the release recipe + the converter's model.yaml) inside
-`shards.empty_init()` and runs the hand-off, which assigns the memory-mapped shards; `--mode plain` builds it the
-ordinary way (random initialisation) and copies the checkpoint in. Both then touch every parameter (a sum), so every
-page of the weights is resident. Each step prints one JSON line: the RSS before its work, its peak, and the bytes of
-the weights.
+`load --mode empty` builds the Stage-2 system (the release recipe + the converter's model.yaml) through the CLI with
+`--empty_init true` (parameters on the meta device) and runs its setup, the hand-off, which assigns the
+memory-mapped shards; `--mode plain` builds it the ordinary way (random initialisation) and copies the checkpoint
+in. Both then touch every parameter (a sum), so every page of the weights is resident. Each step prints one JSON
+line: the RSS before its work, its peak, and the bytes of the weights.
 """
 from __future__ import annotations
 
@@ -74,9 +74,6 @@ def convert(folder: Path, shard_size: str | None) -> None:
 
 
 def load(folder: Path, mode: str) -> None:
-    from contextlib import nullcontext
-
-    from emu_lightning.checkpoints.shards import empty_init
     from emu_lightning.cli import cli_main
 
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "emu2" / "finetune_released.yaml"
@@ -85,11 +82,10 @@ def load(folder: Path, mode: str) -> None:
                  "null", "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
                  "--trainer.strategy", "auto", "--trainer.logger", "false", "--trainer.precision", "32-true"]
     before = rss_mib()
-    with empty_init() if mode == "empty" else nullcontext():
-        system = cli_main(["--config", str(recipe), "--config", str(folder / "converted" / "model.yaml"),
-                           *overrides], run=False).model
+    system = cli_main(["--config", str(recipe), "--config", str(folder / "converted" / "model.yaml"), *overrides,
+                       "--empty_init", str(mode == "empty").lower()], run=False).model
     built = rss_mib()
-    system.setup("fit")                                                  # the hand-off from the converted weights
+    system.setup("fit")                       # what the Trainer calls first: the hand-off from the converted weights
     with torch.no_grad():
         total = sum(float(p.float().sum()) for p in system.parameters())   # every page of the weights touched
     size = sum(p.numel() * p.element_size() for p in system.parameters())
