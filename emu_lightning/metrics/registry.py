@@ -38,6 +38,7 @@ from emu_lightning.metrics.cider import CIDErD
 from emu_lightning.metrics.edit import EditAccuracy
 from emu_lightning.metrics.embedding import EmbeddingSimilarity
 from emu_lightning.metrics.image_quality import make_fid, reconstruction_metrics
+from emu_lightning.metrics.retrieval import RetrievalAccuracy
 from emu_lightning.metrics.semantic import SemanticAccuracy
 from emu_lightning.metrics.vqa import VQAAccuracy
 
@@ -77,6 +78,8 @@ METRICS: dict[str, MetricSpec] = {
     # decoder reconstructions: PSNR / SSIM, and FID (make with feature=, classifier=, weights_path=)
     "recon": MetricSpec(reconstruction_metrics, "{key}"),
     "fid": MetricSpec(make_fid, "fid"),
+    # contrastive pretraining (stage 0): in-batch image→text and text→image retrieval
+    "retrieval": MetricSpec(RetrievalAccuracy, "{key}_acc"),
 }
 
 

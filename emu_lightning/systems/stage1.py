@@ -23,11 +23,16 @@ class Stage1System(EmuSystem):
         max_new_tokens: longest generated caption.
         num_beams: beam width of the beam-search decode at evaluation; 1 skips it (greedy only).
         num_samples: images per evaluation set kept in `eval_samples` for the sample-log callback.
+        init_from: checkpoint to start from (Lightning `.ckpt` or state dict); None = fresh weights. Typically a
+            stage-0 contrastive run (`ContrastiveSystem`, docs/encoder_pretraining.md).
+        handoff: target part → source prefix in `init_from`; the default takes the encoder only, the parts not
+            named (adapter, LLM) stay fresh.
     """
 
     def __init__(self, *args: Any, max_new_tokens: int = 32, num_beams: int = 3, num_samples: int = 8,
-                 **kwargs: Any):
+                 init_from: str | None = None, handoff: dict[str, str] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.init_from, self.handoff = init_from, handoff or {"encoder": "encoder"}
         self.max_new_tokens, self.num_beams, self.num_samples = max_new_tokens, num_beams, num_samples
         self.metrics = MetricStore(self)          # (set, metric, decode) → metric, made on first use
         self.eval_samples: dict[str, list] = {}   # set → [(image, caption, reference)]

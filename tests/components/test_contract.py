@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from components.adapters.cformer import CFormer
 from components.adapters.meanpool import MeanPoolProjector
 from components.base import Adapter, CausalLM, VisualEncoder
+from components.contrastive import PooledImageHead, TextTower
 from components.encoders.eva import EVAEncoder
 from components.llm.llama import LlamaLM
 from components.llm.regression_head import RegressionHead
@@ -223,6 +224,28 @@ class TestLlamaLM(ComponentContract):
         assert module.model.config._attn_implementation == "sdpa"
         assert module.model.config.tie_word_embeddings is False
         assert module.model.lm_head.weight.data_ptr() != module.model.model.embed_tokens.weight.data_ptr()
+
+
+class TestPooledImageHead(ComponentContract):
+    def make(self) -> nn.Module:
+        return PooledImageHead(in_dim=64, out_dim=32)
+
+    def inputs(self) -> tuple[Tensor, ...]:
+        return (torch.randn(B, 16, 64),)
+
+    def expected_shape(self, module: nn.Module) -> tuple[int, ...]:
+        return (B, 32)
+
+
+class TestTextTower(ComponentContract):
+    def make(self) -> nn.Module:
+        return TextTower(vocab_size=40, width=32, depth=1, num_heads=2, max_length=8, out_dim=24)
+
+    def inputs(self) -> tuple[Tensor, ...]:
+        return torch.randint(0, 40, (B, 6)), torch.tensor([[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
+
+    def expected_shape(self, module: nn.Module) -> tuple[int, ...]:
+        return (B, 24)
 
 
 class TestRegressionHead(ComponentContract):
