@@ -81,6 +81,8 @@ def test_batch_counts_needs_a_dict():
     # A packed row's mask numbers its documents (0 = padding): tokens are the non-zero entries, not the sum.
     packed = {"input_ids": torch.zeros(1, 6, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 2, 2, 3, 0]])}
     assert int(batch_counts(packed)[1]) == 5
+    # Its samples are the documents the collator packed (`num_documents`), not its rows.
+    assert batch_counts({**packed, "num_documents": torch.tensor(3)}) == (3, 5)
 
 
 def test_flatten_config_gives_tensorboard_scalars():
