@@ -44,18 +44,26 @@ def generate_visual_cached(llm: CausalLM, head: Callable[[Tensor], Tensor], feed
     """
     start = getattr(llm, "start_decoding", None) if lean else None
     decoder = start(embeds, mask, num_tokens - 1) if start is not None else None
-    if decoder is not None:
-        preds = [head(decoder.hidden[:, -1])]                      # (B,D_tgt) read at [IMG]
-        for _ in range(num_tokens - 1):
-            preds.append(head(decoder.step(feedback(preds[-1]))))  # one new position per step
-        return torch.stack(preds, dim=1)
-    hidden, cache = llm(embeds, mask, llm.new_cache())
-    preds = [head(hidden[:, -1])]                                  # (B,D_tgt) read at [IMG]
+    if decoder is None:
+        decoder = _CachedSteps(llm, embeds, mask)
+    preds = [head(decoder.hidden[:, -1])]                          # (B,D_tgt) read at [IMG]
     for _ in range(num_tokens - 1):
-        mask = _ones(mask)                                         # (B,T+k)
-        hidden, cache = llm(feedback(preds[-1])[:, None], mask, cache)  # one new position per step
-        preds.append(head(hidden[:, -1]))
+        preds.append(head(decoder.step(feedback(preds[-1]))))      # one new position per step
     return torch.stack(preds, dim=1)
+
+
+class _CachedSteps:
+    """The generic stepper, with `StaticDecoder`'s interface: `forward` with the LLM's own cache object."""
+
+    def __init__(self, llm: CausalLM, embeds: Tensor, mask: Tensor) -> None:
+        self.llm, self.mask = llm, mask
+        self.hidden, self.cache = llm(embeds, mask, llm.new_cache())     # (B,T,D_llm): the prompt
+
+    def step(self, x: Tensor) -> Tensor:
+        """(B,D_llm) input embedding of the new position → (B,D_llm) its hidden state."""
+        self.mask = _ones(self.mask)                                     # (B,T+k)
+        hidden, self.cache = self.llm(x[:, None], self.mask, self.cache)
+        return hidden[:, -1]
 
 
 @torch.no_grad()
