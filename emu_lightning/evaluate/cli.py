@@ -60,8 +60,6 @@ def _first(data, limit: int | None):
     """The first `limit` items of an evaluation set (all of them when None): a quick, fixed slice. Every reader keeps
     its records in `.items`, which is also what scoring reads, so the slice is scored as a whole set."""
     if limit is not None:
-        if limit < 1:
-            raise ValueError(f"--limit {limit}: expected at least 1 item")
         data.items = data.items[:limit]
     return data
 
@@ -155,8 +153,6 @@ def generation_inputs(args: argparse.Namespace) -> list:
         prompts = gen.read_coco_captions(args.captions, args.num, args.seed)
         if args.reference and not Path(args.reference).is_dir():
             raise FileNotFoundError(f"reference image folder not found: {args.reference}")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit {args.limit}: expected at least 1 prompt")
     return prompts[:args.limit]
 
 
@@ -222,6 +218,14 @@ def image_pipeline(args: argparse.Namespace, system: Any = None):
     return EmuImagePipeline(decoder, generator)
 
 
+def _at_least_one(text: str) -> int:
+    """`--limit`'s type: a whole number of items, at least 1 (the parser names the flag and the value)."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 item, got {n}")
+    return n
+
+
 def parser() -> argparse.ArgumentParser:
     from emu_lightning.evaluate.runs import SELECTIONS
     from emu_lightning.metrics.vqa import RULES
@@ -234,7 +238,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default eval_out/<task>)")
     p.add_argument("--results", help="score this result file instead of generating (no --ckpt needed)")
     p.add_argument("--seed", type=int, default=0, help="demonstration draws; generation seeds start here")
-    p.add_argument("--limit", type=int, help="only the first N questions / images / prompts (a quick slice)")
+    p.add_argument("--limit", type=_at_least_one, help="only the first N questions / images / prompts (a quick slice)")
     text = p.add_argument_group("captioning and VQA")
     text.add_argument("--images", help="image folder (captions: the root holding Karpathy's filepath/filename)")
     text.add_argument("--annotations", help="captions: Karpathy split file or COCO-captions JSON; VQA: annotations")
