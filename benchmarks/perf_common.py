@@ -6,14 +6,14 @@ alternately in one process (A, B, A, B, ...) and reports the median of each side
 """
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from results_io import machine_facts
 
 
 @dataclass
@@ -77,15 +77,10 @@ def fmt_s(seconds: float) -> str:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{os.cpu_count()} cores ({cpu}), {gpu}, torch {torch.__version__}, torch threads "
-            f"{torch.get_num_threads()}, Python {platform.python_version()}")
+    """The perf tables' one-line header of `results_io.machine_facts()`."""
+    m = machine_facts()
+    return (f"{m['cores']} cores ({m['cpu']}), {m['gpu'] or 'no GPU'}, torch {m['torch']}, torch threads "
+            f"{m['threads']}, Python {m['python']}")
 
 
 def table(rows: list[Row]) -> str:

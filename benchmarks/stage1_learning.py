@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -42,13 +41,6 @@ def overlay(name: str, steps: int, eval_size: int, val_every: int) -> Path:
     path = OUT / f"{name}.overlay.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def machine() -> str:
-    """One-line machine summary (kept for scripts that still print it; results entries use `run_facts()`)."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def run(recipe: str, steps: int, threads: int, eval_size: int, name: str | None, extra: list[str]) -> dict:
