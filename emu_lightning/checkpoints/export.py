@@ -107,7 +107,7 @@ class EmuModel(nn.Module):
         hidden (B,T,D_llm) and, with a head, `regression` (B,T,D_tgt): the next visual embedding at each position."""
         visual = self.encode_images(pixel_values) if len(pixel_values) else pixel_values.new_zeros(
             0, self.adapter.num_tokens, self.llm.hidden_dim)
-        embeds = scatter_visual(self.llm.embed(input_ids), input_ids, visual, self.ids.image)   # (B,T,D_llm)
+        embeds = scatter_visual(self.llm.embed(input_ids), input_ids, visual, self.ids.visual)   # (B,T,D_llm)
         hidden, _ = self.llm(embeds, attention_mask)
         out = {"hidden": hidden, "logits": self.llm.logits(hidden)}
         if self.regression_head is not None:

@@ -305,5 +305,7 @@ class EmuSystem(PartsSystem):
         return self.adapter(self.encoder(pixels))
 
     def embed_multimodal(self, input_ids: Tensor, visual: Tensor) -> Tensor:
-        """(B,T) ids + (n,N,D_llm) visual embeddings → (B,T,D_llm) with the visual rows at `<image>` positions."""
-        return scatter_visual(self.llm.embed(input_ids), input_ids, visual, self.ids.image)
+        """(B,T) ids + (n,N,D_llm) visual embeddings → (B,T,D_llm) with the visual rows at `<image>` positions (and at
+        `[gIMG]` ones, video frames in the release's layout, where the tokenizer has that token; `SpecialIds.visual`).
+        """
+        return scatter_visual(self.llm.embed(input_ids), input_ids, visual, self.ids.visual)

@@ -31,7 +31,7 @@ from components.base import PooledAdapter
 from components.heads.base import ProjectionHead
 from components.losses.regression import OBJECTIVES, regression_loss
 from components.losses.text import token_ce
-from components.multimodal import image_run_index
+from components.multimodal import image_run_index, placeholder_mask
 from emu_lightning.data.layout.sequence import SequenceCollator, pad
 from emu_lightning.metrics.registry import MetricStore
 from emu_lightning.systems.base import EmuSystem
@@ -150,7 +150,7 @@ class Stage2System(MultimodalEval, EmuSystem):
         head = self.regression_head
         rows, target = self.regression_pairs(ids, embeds, feats, visual, batch["regress_images"])
         pos = head.predicting(rows)                                    # (B,T) hidden positions, target order
-        inputs = head.read_inputs(embeds, rows & (ids == self.ids.image), self.training)
+        inputs = head.read_inputs(embeds, rows & placeholder_mask(ids, self.ids.visual), self.training)
         if own is not None:
             inputs = self._feed_own(inputs, ids, pos, *own)
         hidden, _ = self.llm(inputs, mask)                             # (B,T,D_llm) after the final norm
@@ -179,7 +179,7 @@ class Stage2System(MultimodalEval, EmuSystem):
         free generation feeds back there), so training sees its own errors in the inputs (see `GenSystem`). Emu1's
         `[/IMG]` prediction is never fed back (generation stops after N), so that row is never replaced."""
         where = pos.nonzero()                                          # (P,2): (row, t) predicts (row, t+1)
-        chosen = chosen & (ids[where[:, 0], where[:, 1] + 1] == self.ids.image)
+        chosen = chosen & placeholder_mask(ids[where[:, 0], where[:, 1] + 1], self.ids.visual)
         rows, cols = where[chosen, 0], where[chosen, 1] + 1
         out = embeds.clone()
         out[rows, cols] = self.feedback(self.regression_head.denormalize(pred[chosen])).to(embeds.dtype)
@@ -207,7 +207,7 @@ class Stage2System(MultimodalEval, EmuSystem):
         """(B,T) mask of the regressed rows (the `<image>` rows of regressed images, and for Emu1's autoregressive
         head the `[/IMG]` after each) and their (P,D_tgt) targets, in the same row-major order. The head maps the
         rows to the hidden positions that predict them (`predicting`)."""
-        run = image_run_index(ids, self.ids.image)                     # (B,T) image of each <image>, else -1
+        run = image_run_index(ids, self.ids.visual)                    # (B,T) image of each <image>, else -1
         if not self.regression_head.feeds_back:
             # A head that replaces the image it regresses reads an image that opens a document instead: nothing
             # conditions it, and the text after it needs to see it (captioning).

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.multimodal import count_image_runs, scatter_visual
+from components.multimodal import count_image_runs, image_run_index, scatter_visual
 
 IMG = 9
 
@@ -66,3 +66,21 @@ def test_no_images_is_identity() -> None:
     ids = torch.where(ids == IMG, torch.ones_like(ids), ids)
     out = scatter_visual(embeds, ids, torch.zeros(0, 2, 4), IMG)
     torch.testing.assert_close(out, embeds)
+
+
+def test_several_placeholder_ids_fill_their_runs_in_reading_order() -> None:
+    """The Emu2 release's video frames sit at `[gIMG]` and its images at `<image>` (baaivision/Emu 13c395e,
+    `Emu2/emu/emu.py` L62-65): given both ids, each run of either is one image, in reading order."""
+    FRAME = 8
+    ids = torch.tensor([[1, FRAME, FRAME, 2, FRAME, FRAME, 3, IMG, IMG],
+                        [IMG, IMG, 4, 5, 6, 0, 0, 0, 0]])
+    embeds = torch.zeros(2, 9, 2)
+    visual = torch.arange(1.0, 17.0).view(4, 2, 2)                 # frame 0, frame 1, image, image
+    expected = torch.zeros(2, 9, 2)
+    expected[0, 1:3], expected[0, 4:6], expected[0, 7:9], expected[1, 0:2] = visual
+    torch.testing.assert_close(scatter_visual(embeds, ids, visual, (IMG, FRAME)), expected, rtol=0, atol=0)
+    assert count_image_runs(ids, (IMG, FRAME)) == 4 and count_image_runs(ids, IMG) == 2
+    assert image_run_index(ids, [IMG, FRAME]).tolist() == [[-1, 0, 0, -1, 1, 1, -1, 2, 2],
+                                                           [3, 3, -1, -1, -1, -1, -1, -1, -1]]
+    with pytest.raises(ValueError, match="4 <image> positions in batch but 4 images × 2 tokens = 8"):
+        scatter_visual(embeds, ids, visual, IMG)                    # `<image>` alone leaves the frames out

@@ -2,12 +2,14 @@
 
 A *document* is a list of segments, each `("text", str)`, `("image", (3,H,W))` or `("video", [(3,H,W), ...])`.
 The collator writes `<s>` + segments + `</s>` with every image as `[IMG]<image>×N[/IMG]` and every video as
-`[VIDEO]` (Emu2; Emu1 has none) + one image block per frame. Which positions carry which loss:
+`[VIDEO]` (Emu2; Emu1 has none) + one image block per frame; in the release's layout (`spelling="emu2"`,
+`spelling.py`) a frame's block is `[IMG][gIMG]×N[/IMG]` instead, the Emu2 release's video placeholder. Which
+positions carry which loss:
 
-- cross-entropy: every text token and the closing `</s>`; `<s>`, `[IMG]`, `<image>`, `[/IMG]`, `[VIDEO]` and
-  `[PAD]` are never targets (labels -100, docs/design.md §2 "Cross-entropy");
-- regression: the system reads it off `input_ids` (the position before each `<image>`, and for Emu1 before
-  `[/IMG]`), so the collator only says which images regress (`regress_images`, all by default).
+- cross-entropy: every text token and the closing `</s>`; `<s>`, `[IMG]`, `<image>`, `[gIMG]`, `[/IMG]`, `[VIDEO]`
+  and `[PAD]` are never targets (labels -100, docs/design.md §2 "Cross-entropy");
+- regression: the system reads it off `input_ids` (the position before each `<image>` or `[gIMG]`, and for Emu1
+  before `[/IMG]`), so the collator only says which images regress (`regress_images`, all by default).
 
 Chat documents (`chat.py`) use `("prompt", str)` (no loss) and `("answer", str)` (loss) instead of `text`: each run of
 them between visual spans is tokenized as one string with character offsets, and the doc's `targets` (its raw
@@ -28,7 +30,7 @@ from emu_lightning.data.layout.binding import binding_segments
 from emu_lightning.data.layout.chat import check_answer_mask, conversation_turns
 from emu_lightning.data.layout.collate import IGNORE, image_block, sum_counts
 from emu_lightning.data.layout.spelling import respell
-from emu_lightning.data.layout.tokens import IMAGE, SpecialIds
+from emu_lightning.data.layout.tokens import FRAME, IMAGE, SpecialIds
 
 LAYOUTS = ("pair", "interleaved", "video", "storyboard", "vqa", "text", "chat", "gen", "binding", "vqa_zero_shot")
 
@@ -220,8 +222,9 @@ class SequenceCollator:
         num_image_tokens: N `<image>` tokens per image or frame.
         max_length: longest sequence; longer documents are cut at a span boundary and counted.
         video_token: start each video with `[VIDEO]` (Emu2) or not (Emu1).
-        spelling: how grounding tokens are written: "platform" (`<p>`, `<coor>`, `<loc…>`) or "emu2" (the release's
-            own rows: `<phrase>`, `<object>`, `<patch_index_…>`; `spelling.py`).
+        spelling: the platform's layout ("platform": grounding as `<p>`, `<coor>`, `<loc…>`, video frames at
+            `<image>`) or the release's ("emu2": its own rows, `<phrase>`, `<object>`, `<patch_index_…>`, and video
+            frames at `[gIMG]`, which the tokenizer must have: a converted Emu2's; `spelling.py`).
     """
 
     def __init__(self, tokenizer: Any, num_image_tokens: int, max_length: int = 256, video_token: bool = True,
@@ -230,6 +233,12 @@ class SequenceCollator:
         self.block = image_block(self.ids, num_image_tokens)
         self.max_length, self.video_token, self.spelling = max_length, video_token, spelling
         respell("", spelling)                                               # an unknown spelling fails here
+        self.frame_block = self.block                                       # a video frame's block
+        if spelling == "emu2":
+            if self.ids.frame is None:
+                raise ValueError(f"spelling 'emu2' writes video frames at {FRAME}, which the tokenizer lacks "
+                                 "(the release's layout needs a converted Emu2's tokenizer)")
+            self.frame_block = [self.ids.img, *[self.ids.frame] * num_image_tokens, self.ids.img_end]
 
     def encode(self, segments: list[tuple[str, Any]], close: bool = True, limit: int | None = None
                ) -> tuple[list[int], list[int], list[Tensor], bool]:
@@ -252,7 +261,8 @@ class SequenceCollator:
                     return ids, labels, images, True
                 continue
             frames = value if kind == "video" else [value]
-            span = ([self.ids.video] if kind == "video" and self.video_token else []) + self.block * len(frames)
+            block = self.frame_block if kind == "video" else self.block
+            span = ([self.ids.video] if kind == "video" and self.video_token else []) + block * len(frames)
             if len(ids) + len(span) + int(close) > limit:  # never cut inside a visual span
                 return ids, labels, images, True
             ids += span

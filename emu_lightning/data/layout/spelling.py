@@ -16,8 +16,17 @@ converter checks every id). The release publishes no code that writes a box with
 box *image* between `<object>` and `</object>`, `Emu2/README.md` L466-482), so four patch indexes per box, one per
 coordinate x1 y1 x2 y2 on 0..256, is our reading of its 257 = quantized_size + 1 tokens [ours]. The rest of the
 release's layout is already the platform's: `<grounding>`, `[VIDEO]`, `[USER]` and `[ASSISTANT]` have the same
-strings, so a converted model's tokenizer gives them their released ids in either spelling. (Emu2 also feeds video
-frames at `[gIMG]` placeholders, `Emu2/emu/emu.py` L64-65; the platform feeds every frame at `<image>`.)
+strings, so a converted model's tokenizer gives them their released ids in either spelling.
+
+Video frames: the release feeds each frame at `[IMG]` + `[gIMG]`×v_query + `[/IMG]` (its `[gIMG]` borrowed as the
+frame placeholder, `Emu2/emu/emu.py` L64-65) and images at `<image>` (L62). In `spelling="emu2"`
+the collator (`sequence.py`) writes each frame of a video as `[IMG]` + `[gIMG]`×N + `[/IMG]`, so the frames' visual
+embeddings land in `[gIMG]` rows; images (storyboard frames included, which are image segments) stay at `<image>`.
+The model takes both ids as placeholders wherever its tokenizer has `[gIMG]` (`SpecialIds.visual`,
+`components/multimodal.py`): scatter, regression and feedback treat a `[gIMG]` run as one image, in reading order.
+N is the adapter's one token count for images and frames alike, where the release pools frames to their own
+`v_query` (64 for Emu2-Chat against 256 per image, `Emu2/emu/chat.py` L222) [ours]. The platform spelling writes
+every frame at `<image>`, as before.
 """
 from __future__ import annotations
 

@@ -11,6 +11,9 @@ BOS, EOS, PAD = "<s>", "</s>", "[PAD]"
 IMG, IMG_END, IMAGE = "[IMG]", "[/IMG]", "<image>"
 VIDEO = "[VIDEO]"
 USER, ASSISTANT = "[USER]", "[ASSISTANT]"
+# The Emu2 release's video-frame placeholder (baaivision/Emu 13c395e, `Emu2/emu/emu.py` L64-65): only a converted
+# Emu2's tokenizer has it (the release's row); the platform's own tokenizers do not, and write frames at `<image>`.
+FRAME = "[gIMG]"
 GROUNDING = ["<grounding>", "<p>", "</p>", "<coor>", "</coor>"]
 LOCS = [f"<loc{i:03d}>" for i in range(225)]  # grounding bins 0..224 (docs/design.md §2, Grounded)
 
@@ -28,6 +31,13 @@ class SpecialIds:
     img_end: int
     image: int
     video: int
+    frame: int | None = None   # `[gIMG]`, where the tokenizer has it (a converted Emu2's); else None
+
+    @property
+    def visual(self) -> int | tuple[int, int]:
+        """The placeholder id(s) whose rows receive visual embeddings: `<image>`, and `[gIMG]` where the tokenizer
+        has it (video frames in the release's layout, `spelling.py`)."""
+        return self.image if self.frame is None else (self.image, self.frame)
 
     @classmethod
     def from_tokenizer(cls, tok) -> SpecialIds:
@@ -36,4 +46,5 @@ class SpecialIds:
         missing = [name for name, i in ids.items() if i is None or i == tok.unk_token_id]
         if missing:
             raise ValueError(f"tokenizer lacks special tokens {missing}; load it with emu_lightning.data.layout.tokenizer")
-        return cls(**ids)
+        frame = tok.convert_tokens_to_ids(FRAME) if FRAME in tok.get_vocab() else None
+        return cls(**ids, frame=frame)

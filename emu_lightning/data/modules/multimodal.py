@@ -78,8 +78,9 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
         num_frames: frames per video (uniformly subsampled).
         skip_short_videos: skip and count videos with fewer frames than `num_frames` (False: raise).
         video_token: open each video with `[VIDEO]` (Emu2) or not (Emu1).
-        spelling: grounding tokens as the platform writes them ("platform") or as the Emu2 release does ("emu2": its
-            own `<phrase>` / `<object>` / `<patch_index_…>` rows, for a converted Emu2; `layout/spelling.py`).
+        spelling: grounding tokens and video frames as the platform writes them ("platform") or as the Emu2 release
+            does ("emu2": its own `<phrase>` / `<object>` / `<patch_index_…>` rows and video frames at `[gIMG]`, for a
+            converted Emu2; `layout/spelling.py`).
         text_first_p: probability a pair is laid out caption → image.
         image_first_p: probability an interleaved image precedes its sentence.
         demo_pool_size: demonstrations pool size of the default synthetic pools.
