@@ -623,3 +623,14 @@ def test_cli_fit_debug_recipe_logs_psnr_and_ssim(tmp_path, monkeypatch):
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(k.split(".")[0] in {"encoder", "adapter", "unet", "ema"} for k in state), sorted(state)[:5]
     load_system(str(run))
+
+
+def test_a_test_loop_starts_without_the_validation_loops_images():
+    """Every evaluation loop starts empty (`PartsSystem._eval_epoch_start`): a test loop after a validation loop
+    shows only its own sets in the image grid, not validation's reconstructions (the decoder used to clear its
+    rows before validation only)."""
+    system = make_system("pooled")
+    system.on_validation_epoch_start()
+    system.eval_images.setdefault("val", []).append(torch.zeros(2, 3, 4, 4))   # as `_evaluate` keeps its rows
+    system.on_test_epoch_start()
+    assert system.eval_images == {} and system.eval_samples == {}

@@ -65,7 +65,7 @@ def test_gen_validation_logs_edit_accuracy_from_the_judged_images(monkeypatch):
     system._trainer = SimpleNamespace(datamodule=dm)
     monkeypatch.setattr(system, "_eval_losses", lambda batch, name: None)
     system.on_validation_epoch_start()
-    system._eval_step(batch, "val_edit")
+    system._evaluate(batch, 0, "val_edit")
     logged = {}
     monkeypatch.setattr(system, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
     system._eval_epoch_end()

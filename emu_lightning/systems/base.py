@@ -53,7 +53,9 @@ class PartsSystem(L.LightningModule):
     Every stage (captioning, unified pretraining, the visual decoder) is one; subclasses set `parts`.
     All share one NaN / Inf guard (`checked_loss` in the training step, gradients before each optimizer step;
     see `guard.py`), and checkpoints carry the guard's counts, `counters` and the process RNG states, so a
-    resumed run continues exactly where it stopped.
+    resumed run continues exactly where it stopped. Validation and test share one path: a system that evaluates
+    defines `_evaluate(batch, batch_idx, name)` for a batch of the named set, and its `metrics` store is logged and
+    reset by `_eval_epoch_end` after each loop.
 
     Args:
         policy: what trains and the learning rate of each part.
@@ -123,6 +125,40 @@ class PartsSystem(L.LightningModule):
         """Names of the datamodule's evaluation sets of `kind` ("val" / "test"), in dataloader order."""
         dm = getattr(self.trainer, "datamodule", None)
         return list(getattr(dm, f"{kind}_names", None) or [kind])
+
+    # --- evaluation: validation and test run one path, per named set --------------------------------------
+
+    def _evaluate(self, batch: dict, batch_idx: int, name: str) -> None:
+        """One batch of the evaluation set `name` (validation and test alike): the system's losses and metrics."""
+        raise NotImplementedError(f"{type(self).__name__} does not evaluate: it defines no `_evaluate`")
+
+    def _eval_epoch_start(self) -> None:
+        """Before every validation or test loop: drop the samples and image rows the last loop kept for the
+        sample-logging callbacks (`eval_samples`, `eval_images`), so a test loop never shows validation's."""
+        self.eval_samples: dict[str, list] = {}
+        self.eval_images: dict[str, list] = {}
+
+    def _eval_epoch_end(self) -> None:
+        """After every validation or test loop: compute, log and reset the metrics of the system's `MetricStore`."""
+        self.metrics.log_and_reset()
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, batch_idx, self._names("val")[dataloader_idx])
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, batch_idx, self._names("test")[dataloader_idx])
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_epoch_start()
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_epoch_start()
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end()
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end()
 
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
         # Only top-level tensors move; references, ids and scene records (frozen dataclasses) stay as they are.

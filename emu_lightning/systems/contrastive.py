@@ -129,7 +129,7 @@ class ContrastiveSystem(PartsSystem):
             self.log("train/temperature", 1 / self.logit_scale.value.detach().exp())
         return loss
 
-    def _eval_step(self, batch: dict, name: str, batch_idx: int) -> None:
+    def _evaluate(self, batch: dict, batch_idx: int, name: str) -> None:
         scenes = batch.get("scenes")
         logits = self(batch, self.negatives(scenes, batch_idx) if scenes else None)
         B = len(logits)
@@ -138,15 +138,3 @@ class ContrastiveSystem(PartsSystem):
         if scenes:   # own caption vs its shape-swapped twin's, per image
             wins = (logits.diagonal() > logits[:, B:].diagonal()).float().mean()
             self.log(f"{name}/shape_swap_acc", wins, batch_size=B, sync_dist=True, add_dataloader_idx=False)
-
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self._names("val")[dataloader_idx], batch_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        self.metrics.log_and_reset()
-
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self._names("test")[dataloader_idx], batch_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self.metrics.log_and_reset()

@@ -289,21 +289,6 @@ class DecoderSystem(PartsSystem):
                    self.guidance_scale if guidance is None else guidance, generator)
         return ((self.space.decode(z) + 1) / 2).clamp(0, 1)
 
-    def on_validation_epoch_start(self) -> None:
-        self.eval_images = {}
-
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, batch_idx, self._names("val")[dataloader_idx])
-
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, batch_idx, self._names("test")[dataloader_idx])
-
-    def on_validation_epoch_end(self) -> None:
-        self.metrics.log_and_reset()
-
-    def on_test_epoch_end(self) -> None:
-        self.metrics.log_and_reset()
-
     def _evaluate(self, batch: dict, batch_idx: int, name: str) -> None:
         pixels = batch["pixel_values"]
         gen = torch.Generator().manual_seed(self.eval_seed + batch_idx)   # same noise every evaluation

@@ -61,9 +61,9 @@ class ChatSystem(Stage2System):
         prompts = [chat_prompt(s, self.template) for s in samples]
         return self.generate_text(prompts, max_new_tokens or self.answer_max_new_tokens, num_beams or self.num_beams)
 
-    def _eval_step(self, batch: dict, name: str) -> None:
+    def _evaluate(self, batch: dict, batch_idx: int, name: str) -> None:
         if batch["layout"] != "chat":
-            return super()._eval_step(batch, name)
+            return super()._evaluate(batch, batch_idx, name)
         samples = batch["samples"]
         self._eval_losses(batch, name)
         preds = self.answer(samples)
@@ -117,9 +117,9 @@ class GenSystem(Stage2System):
             own = (pred, torch.rand(len(pred), device=pred.device) < self.self_feedback)
         return super()._forward(batch, own)
 
-    def _eval_step(self, batch: dict, name: str) -> None:
+    def _evaluate(self, batch: dict, batch_idx: int, name: str) -> None:
         if batch["layout"] != "gen":
-            return super()._eval_step(batch, name)
+            return super()._evaluate(batch, batch_idx, name)
         samples = batch["samples"]
         self._eval_losses(batch, name)
         layout = self.trainer.datamodule.layout("gen", train=False)

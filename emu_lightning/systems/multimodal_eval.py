@@ -60,7 +60,7 @@ class MultimodalEval:
         losses, _ = self.losses(batch)
         self.log_losses({k: v for k, v in losses.items() if k != "loss"}, name, len(batch["samples"]))
 
-    def _eval_step(self, batch: dict, name: str) -> None:
+    def _evaluate(self, batch: dict, batch_idx: int, name: str) -> None:
         samples = batch["samples"]
         self._eval_losses(batch, name)
         task = task_of(batch["layout"], samples[0])
@@ -135,25 +135,3 @@ class MultimodalEval:
         parts = getattr(self, "_eval_generation", None)
         return tuple(parts) if parts else (None, None)
 
-    def _eval_epoch_end(self) -> None:
-        self.metrics.log_and_reset()
-
-    def on_validation_epoch_start(self) -> None:
-        self.eval_samples: dict[str, list] = {}
-        self.eval_images: dict[str, list] = {}
-
-    def on_test_epoch_start(self) -> None:
-        self.eval_samples = {}
-        self.eval_images = {}
-
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self._names("val")[dataloader_idx])
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end()
-
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self._names("test")[dataloader_idx])
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end()

@@ -72,8 +72,7 @@ class Stage1System(EmuSystem):
                                 eos_token_id=self.ids.eos, pad_token_id=self.ids.pad)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-    def _eval_step(self, batch: dict, names: list[str], dataloader_idx: int) -> None:
-        name = names[dataloader_idx]
+    def _evaluate(self, batch: dict, batch_idx: int, name: str) -> None:
         B = len(batch["ids"])
         visual = self.encode_images(batch["pixel_values"])  # (B,N,D_llm), shared by the loss and every decode
         losses = text_loss(self(batch["input_ids"], batch["attention_mask"], visual=visual), batch["labels"])
@@ -89,27 +88,6 @@ class Stage1System(EmuSystem):
                 kept = self.eval_samples.setdefault(name, [])
                 for i in range(min(B, self.num_samples - len(kept))):
                     kept.append((batch["pixel_values"][i].cpu(), preds[i], batch["captions"][i][0]))
-
-    def _eval_epoch_end(self) -> None:
-        self.metrics.log_and_reset()
-
-    def on_validation_epoch_start(self) -> None:
-        self.eval_samples = {}
-
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self._names("val"), dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end()
-
-    def on_test_epoch_start(self) -> None:
-        self.eval_samples = {}
-
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self._names("test"), dataloader_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end()
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         preds = self.caption(batch["pixel_values"], batch["prompt_ids"], self.num_beams)
