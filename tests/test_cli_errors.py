@@ -62,9 +62,9 @@ def test_traceback_on_request(run, monkeypatch):
 def test_a_checkpoint_of_another_stage_is_named_with_both_part_lists(tmp_path, run):
     """A stage-1 checkpoint given as `--ckpt_path` to a decoder fit (before: a jsonargparse failure ending in the
     repr of the whole config), and as `init_from` of a chat fit, whose hand-off needs the regression head too."""
-    from emu_lightning.cli import cli_main
+    from tests.helpers import debug_system
 
-    stage1 = cli_main(["--config", RECIPE], run=False).model
+    stage1 = debug_system("stage1_meanpool")   # RECIPE's system (same keys and shapes), built without a CLI parse
     # What a stage-1 fit saves, as far as the checks read it: its state and LightningCLI's class path.
     torch.save({"state_dict": stage1.state_dict(), "epoch": 0, "global_step": 10,
                 "hyper_parameters": {"_class_path": "emu_lightning.systems.stage1.Stage1System"}}, tmp_path / "s1.ckpt")

@@ -247,7 +247,9 @@ def test_gen_batch_regresses_only_the_last_image(gen_run):
 
 def test_chat_starts_from_a_stage2_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    stage2 = cli_main(["--config", str(DEBUG / "stage2_meanpool.yaml")], run=False).model
+    from tests.helpers import debug_system
+
+    stage2 = debug_system("stage2_meanpool")   # the debug stage-2 recipe's system, built without a CLI parse
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():   # distinct from any fresh init with the recipe's seed
         for p in stage2.parameters():

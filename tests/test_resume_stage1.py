@@ -19,7 +19,7 @@ from tests.resume_helpers import ROOT, args, assert_same_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RECIPE = str(ROOT / "recipes" / "debug" / "stage1_meanpool.yaml")
-STEPS, BATCH, EPOCH = 8, 4, 5     # 20 training images: 5 batches an epoch, so the run crosses one boundary;
+STEPS, BATCH, EPOCH = 8, 2, 5     # 10 training images: 5 batches an epoch, so the run crosses one boundary;
                                   # checkpoints every 2 steps, the last at STEPS
 
 

@@ -17,19 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _overlay(tmp_path: Path) -> str:
-    small = lambda cls, split: {"class_path": f"emu_lightning.data.synthetic.scenes.{cls}",  # noqa: E731
-                                "init_args": {"split": split, "size": 3, "image_size": 64}}
-    evals = {"captions": small("SyntheticCaptions", "val"), "vqa": small("SyntheticVQA", "val"),
-             "videos": small("SyntheticVideos", "val")}
-    pools = {"captions": small("SyntheticCaptions", "train"), "vqa": small("SyntheticVQA", "train"),
-             "videos": small("SyntheticVideos", "train")}
+    small = lambda cls, split, n: {"class_path": f"emu_lightning.data.synthetic.scenes.{cls}",  # noqa: E731
+                                   "init_args": {"split": split, "size": n, "image_size": 64}}
+    # 2 queries per set, 3 candidates per demo pool (2-shot RICES picks 2 of them)
+    evals = {"captions": small("SyntheticCaptions", "val", 2), "vqa": small("SyntheticVQA", "val", 2),
+             "videos": small("SyntheticVideos", "val", 2)}
+    pools = {"captions": small("SyntheticCaptions", "train", 3), "vqa": small("SyntheticVQA", "train", 3),
+             "videos": small("SyntheticVideos", "train", 3)}
     cfg = {
         "trainer": {"max_steps": 2, "val_check_interval": 2, "log_every_n_steps": 1,
                     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                "init_args": {"save_dir": str(tmp_path / "runs"), "name": "s2", "version": 0}}},
         "model": {"init_args": {"max_new_tokens": 3, "answer_max_new_tokens": 2, "shots": [0, 2],
                                 "video_shots": [0, 2]}},
-        "data": {"init_args": {"val": evals, "test": evals, "demos": pools, "batch_size": 6, "eval_batch_size": 3,
+        "data": {"init_args": {"val": evals, "test": evals, "demos": pools, "batch_size": 6, "eval_batch_size": 2,
                                "num_workers": 0, "num_frames": 2, "max_length": 96}},
     }
     path = tmp_path / "overlay.yaml"
@@ -40,7 +41,9 @@ def _overlay(tmp_path: Path) -> str:
 @pytest.mark.parametrize("adapter", ["meanpool", pytest.param("cformer", marks=pytest.mark.slow)])
 def test_cli_fit_from_stage1_logs_per_source_and_few_shot_metrics(adapter, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    stage1 = cli_main(["--config", str(ROOT / "recipes" / "debug" / f"stage1_{adapter}.yaml")], run=False).model
+    from tests.helpers import debug_system
+
+    stage1 = debug_system(f"stage1_{adapter}")   # the stage-1 debug recipe's system, built without a CLI parse
     torch.save({"state_dict": stage1.state_dict()}, tmp_path / "stage1.ckpt")
     base = str(ROOT / "recipes" / "debug" / f"stage2_{adapter}.yaml")
     cli = cli_main(["fit", "--config", base, "--config", _overlay(tmp_path),
