@@ -64,6 +64,21 @@ class ConvStem(nn.Module):
         return self.layers(x)
 
 
+def sincos_2d(grid: int, dim: int) -> Tensor:
+    """(grid², dim) fixed 2-D position table, row-major: the first half of the channels encodes the row, the second
+    the column, each as sines and cosines of the index at geometrically spaced frequencies (the 1-D table of
+    Vaswani et al. 2017 per axis, as MAE builds its 2-D one)."""
+    if dim % 4:
+        raise ValueError(f"sincos_2d needs a width divisible by 4, got {dim}")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))    # (dim/4,)
+    idx = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(idx, idx, indexing="ij")                                   # (g,g) each
+    def axis(x: Tensor) -> Tensor:
+        angles = x.flatten()[:, None] * freqs[None]                                        # (g²,dim/4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)                              # (g²,dim/2)
+    return torch.cat([axis(rows), axis(cols)], dim=1).float()                              # (g²,dim)
+
+
 class EVAEncoder(nn.Module):
     """timm EVA / EVA-02 trunk that returns one block's raw tokens.
 
@@ -81,6 +96,9 @@ class EVAEncoder(nn.Module):
         frozen: Freeze at construction (no grads, stays in eval mode).
         stem: `patch` (the ViT's one-layer patchify convolution, as released) or `conv` (a `ConvStem` in its
             place; random init only).
+        pos_init: `default` (timm's: N(0, 0.02²), ~30× weaker than the patch embedding at init) or `sincos`
+            (fixed-frequency 2-D sine-cosine values, still trainable, as MAE initialises its ViT, He et al. 2022):
+            the patch tokens say where they are from the first step. Random init only.
     """
 
     def __init__(
@@ -97,6 +115,7 @@ class EVAEncoder(nn.Module):
         checkpoint_path: str | None = None,
         frozen: bool = False,
         stem: str = "patch",
+        pos_init: str = "default",
     ) -> None:
         super().__init__()
         if stem not in ("patch", "conv"):
@@ -104,6 +123,11 @@ class EVAEncoder(nn.Module):
         if stem == "conv" and checkpoint_path is not None:
             raise ValueError(f"EVAEncoder: stem='conv' cannot load {checkpoint_path}: released EVA weights have a "
                              "patchify stem; use stem='patch' with a checkpoint")
+        if pos_init not in ("default", "sincos"):
+            raise ValueError(f"EVAEncoder: pos_init={pos_init!r}; expected 'default' or 'sincos'")
+        if pos_init == "sincos" and checkpoint_path is not None:
+            raise ValueError(f"EVAEncoder: pos_init='sincos' cannot apply to {checkpoint_path}: a checkpoint brings "
+                             "its own position embedding; use pos_init='default' with a checkpoint")
         overrides: dict[str, Any] = {"img_size": img_size, "num_classes": 0}
         for key, value in (("patch_size", patch_size), ("depth", depth),
                            ("embed_dim", embed_dim), ("num_heads", num_heads), ("mlp_ratio", mlp_ratio)):
@@ -113,6 +137,10 @@ class EVAEncoder(nn.Module):
         if stem == "conv":  # PatchEmbed runs proj -> flatten -> norm; only proj changes
             conv = trunk.patch_embed.proj
             trunk.patch_embed.proj = ConvStem(conv.kernel_size[0], conv.out_channels, conv.in_channels)
+        if pos_init == "sincos" and trunk.pos_embed is not None:
+            grid = trunk.patch_embed.grid_size[0]
+            with torch.no_grad():   # prefix (CLS) rows stay as drawn; patch rows get the 2-D table
+                trunk.pos_embed[:, trunk.num_prefix_tokens:] = sincos_2d(grid, trunk.embed_dim)
         n_blocks = len(trunk.blocks)
         if not -n_blocks <= layer < n_blocks:
             raise ValueError(f"layer {layer} out of range for {model_name} with {n_blocks} blocks")

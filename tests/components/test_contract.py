@@ -16,7 +16,7 @@ from components.adapters.cformer import CFormer
 from components.adapters.meanpool import MeanPoolProjector
 from components.base import Adapter, CausalLM, VisualEncoder
 from components.contrastive import PooledImageHead, TextTower
-from components.encoders.eva import EVAEncoder
+from components.encoders.eva import EVAEncoder, sincos_2d
 from components.llm.llama import LlamaLM
 from components.llm.regression_head import RegressionHead
 
@@ -111,9 +111,10 @@ class EncoderContract(ComponentContract):
     drop_cls = False
     layer = -1
     stem = "patch"
+    pos_init = "default"
 
     def make(self) -> nn.Module:
-        return EVAEncoder.tiny(drop_cls=self.drop_cls, layer=self.layer, stem=self.stem)
+        return EVAEncoder.tiny(drop_cls=self.drop_cls, layer=self.layer, stem=self.stem, pos_init=self.pos_init)
 
     def inputs(self) -> tuple[Tensor, ...]:
         return (torch.randn(B, 3, 64, 64),)
@@ -169,6 +170,30 @@ def test_conv_stem_refuses_what_it_cannot_be() -> None:
         EVAEncoder.tiny(stem="conv", checkpoint_path="eva.safetensors")
     with pytest.raises(ValueError, match="expected 'patch' or 'conv'"):
         EVAEncoder.tiny(stem="resnet")
+
+
+class TestEncoderSinCosPositions(EncoderContract):
+    drop_cls, pos_init = True, "sincos"
+
+    def test_patch_rows_start_as_the_2d_table(self) -> None:
+        pos = self.make().trunk.pos_embed[0]                       # (1 + 64, 64): CLS row, then the 8×8 grid
+        table = sincos_2d(8, 64)
+        assert torch.equal(pos[1:], table)
+        grid = table.view(8, 8, 64)
+        # the first half encodes the row (equal along a row), the second the column (equal down a column)
+        assert torch.equal(grid[:, :1, :32].expand(8, 8, 32), grid[..., :32])
+        assert torch.equal(grid[:1, :, 32:].expand(8, 8, 32), grid[..., 32:])
+        assert len({tuple(r.tolist()) for r in table}) == 64       # every cell has its own code
+        assert table[0, 0] == 0 and table[0, 16] == 1              # sin(0), cos(0) of the first frequency
+
+
+def test_sincos_positions_refuse_what_they_cannot_be() -> None:
+    with pytest.raises(ValueError, match="brings its own position embedding"):
+        EVAEncoder.tiny(pos_init="sincos", checkpoint_path="eva.safetensors")
+    with pytest.raises(ValueError, match="expected 'default' or 'sincos'"):
+        EVAEncoder.tiny(pos_init="learned")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(8, 66)
 
 
 class TestMeanPoolProjector(ComponentContract):
