@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from components.adapters.meanpool import MeanPoolProjector
 from decoder_learning import probe
 from results_io import BENCHMARKS, OUT, merge_result, run_facts
 
@@ -37,24 +38,27 @@ RECIPE = "recipes/debug/stage0_clip.yaml"
 
 
 class _Tokens(torch.nn.Module):
-    """The probe's view of an encoder: `condition(x)` = its raw (B,64,192) tokens, what stage 1's mean-pool reads."""
+    """The probe's view of an encoder: `condition(x)` = its raw (B,64,192) tokens, what stage 1's mean-pool reads, or
+    with `pool` those tokens mean-pooled to a pool×pool grid (what the debug mean-pool adapter projects into the LLM)."""
 
-    def __init__(self, encoder: torch.nn.Module) -> None:
+    def __init__(self, encoder: torch.nn.Module, pool: int | None = None) -> None:
         super().__init__()
         self.encoder = encoder
+        self.pooler = None if pool is None else MeanPoolProjector(encoder.embed_dim, 1, grid=pool)
 
     def condition(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encoder(pixels)
+        tokens = self.encoder(pixels)
+        return tokens if self.pooler is None else self.pooler.pool(tokens)
 
 
-def encoder_of(ckpt: str | None) -> torch.nn.Module:
+def encoder_of(ckpt: str | None, **overrides) -> torch.nn.Module:
     """The debug encoder (recipes/components/encoder_eva_debug.yaml), from `ckpt`'s `encoder.*` or untrained."""
     from components.encoders.eva import EVAEncoder
     from emu_lightning.checkpoints.handoff import load_parts
 
     spec = yaml.safe_load((BENCHMARKS.parent / "recipes/components/encoder_eva_debug.yaml").read_text())
     torch.manual_seed(0)
-    encoder = EVAEncoder(**spec["init_args"])
+    encoder = EVAEncoder(**{**spec["init_args"], **overrides})
     if ckpt:
         print(load_parts({"encoder": encoder}, ckpt, {"encoder": "encoder"}), flush=True)
     return encoder.eval()
@@ -101,6 +105,9 @@ def main() -> None:
     p.add_argument("--probe-train", type=int, default=2048, help="train renders of the probe")
     p.add_argument("--probe-val", type=int, default=512, help="val scenes of the probe")
     p.add_argument("--probe-steps", type=int, default=300)
+    p.add_argument("--stem", choices=("patch", "conv"), default="patch", help="the probed encoder's stem")
+    p.add_argument("--pooled", type=int, metavar="GRID",
+                   help="probe the tokens mean-pooled to GRID×GRID (the mean-pool adapter's input to its projection)")
     a, extra = p.parse_known_args()   # anything else is a CLI override of the recipe
     torch.set_num_threads(a.threads)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -119,10 +126,11 @@ def main() -> None:
         print(f"{a.steps} steps in {wall:.0f} s ({a.steps / wall:.2f} steps/s); {val}", flush=True)
     start = time.time()
     kinds = ("linear", "mlp") if a.mlp else ("linear",)
-    scores = probe(_Tokens(encoder_of(ckpt)), a.probe_train, a.probe_val, a.probe_steps, kinds)
+    scores = probe(_Tokens(encoder_of(ckpt, stem=a.stem), a.pooled), a.probe_train, a.probe_val, a.probe_steps, kinds)
     result["probe"] = {k: round(v, 3) for k, v in scores.items()}
-    result["probe_setup"] = {"n_train": a.probe_train, "n_val": a.probe_val, "steps": a.probe_steps,
-                             "features": "encoder tokens (64, 192), flattened", "wall_s": round(time.time() - start)}
+    result["probe_setup"] = {"stem": a.stem, "n_train": a.probe_train, "n_val": a.probe_val, "steps": a.probe_steps,
+                             "features": "encoder tokens (64, 192), flattened" if a.pooled is None else
+                             f"encoder tokens mean-pooled to {a.pooled}x{a.pooled}, flattened", "wall_s": round(time.time() - start)}
     print(a.name, result["probe"], flush=True)
     print(f"wrote {merge_result(NAME, a.name, result)}", flush=True)
 
