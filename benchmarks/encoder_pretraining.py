@@ -105,7 +105,7 @@ def main() -> None:
     p.add_argument("--probe-train", type=int, default=2048, help="train renders of the probe")
     p.add_argument("--probe-val", type=int, default=512, help="val scenes of the probe")
     p.add_argument("--probe-steps", type=int, default=300)
-    p.add_argument("--stem", choices=("patch", "conv"), default="patch", help="the probed encoder's stem")
+    p.add_argument("--stem", choices=("patch", "conv"), help="the probed encoder's stem; default the recipe fragment's")
     p.add_argument("--pooled", type=int, metavar="GRID",
                    help="probe the tokens mean-pooled to GRID×GRID (the mean-pool adapter's input to its projection)")
     a, extra = p.parse_known_args()   # anything else is a CLI override of the recipe
@@ -126,7 +126,7 @@ def main() -> None:
         print(f"{a.steps} steps in {wall:.0f} s ({a.steps / wall:.2f} steps/s); {val}", flush=True)
     start = time.time()
     kinds = ("linear", "mlp") if a.mlp else ("linear",)
-    scores = probe(_Tokens(encoder_of(ckpt, stem=a.stem), a.pooled), a.probe_train, a.probe_val, a.probe_steps, kinds)
+    scores = probe(_Tokens(encoder_of(ckpt, **({"stem": a.stem} if a.stem else {})), a.pooled), a.probe_train, a.probe_val, a.probe_steps, kinds)
     result["probe"] = {k: round(v, 3) for k, v in scores.items()}
     result["probe_setup"] = {"stem": a.stem, "n_train": a.probe_train, "n_val": a.probe_val, "steps": a.probe_steps,
                              "features": "encoder tokens (64, 192), flattened" if a.pooled is None else

@@ -85,8 +85,9 @@ def report() -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         for split in ("val", "heldout"):
-            vals = [r["metrics"].get(f"{split}/{c}", float("nan")) for c in COLUMNS]
-            lines.append(f"| {r['name']} | {r['steps']} | {r['steps_per_s']} | {split} | "
+            vals = [r.get("metrics", {}).get(f"{split}/{c}", float("nan")) for c in COLUMNS]   # stopped runs: none
+            steps = r.get("steps", r.get("stopped_at_step"))
+            lines.append(f"| {r['name']} | {steps} | {r.get('steps_per_s')} | {split} | "
                          + " | ".join(f"{v:.3f}" for v in vals) + " |")
     return "\n".join(lines)
 
