@@ -199,6 +199,12 @@ def test_convert_fine_tune_export_and_convert_again_is_exact(layout, tmp_path):
             assert torch.equal(value, want), key
 
 
+# A converted release's encoder has the patchify stem EVA ships; the debug recipes' encoder, trained from scratch, has
+# a convolutional stem and a sine-cosine position start (recipes/components/encoder_eva_debug.yaml): put it back.
+RELEASED_STEM = ["--model.init_args.encoder.init_args.stem", "patch",
+                 "--model.init_args.encoder.init_args.pos_init", "default"]
+
+
 def _converted(tmp: Path, instruct: bool) -> tuple[Path, str]:
     tok = base_tokenizer(tmp / "llama")
     state = _bf16(released_emu2(tok, instruct=instruct)[0])
@@ -214,7 +220,7 @@ def test_chat_tuning_from_a_converted_emu2_chat_uses_the_released_role_rows(tmp_
     rows = json.loads((folder / "conversion.json").read_text())["rows"]
     overlay = data_overlay(tmp_path, {"chat": ("instruct", "SyntheticChat", "train", 16)}, max_length=160)
     cli = fit(tmp_path, ROOT / "recipes" / "debug" / "chat.yaml", folder, overlay,
-              "--model.init_args.template", "emu2_chat", *_lr(["adapter", "llm"]))
+              "--model.init_args.template", "emu2_chat", *_lr(["adapter", "llm"]), *RELEASED_STEM)
     tok, system = cli.model.tokenizer, cli.model
     assert tok.convert_tokens_to_ids([USER, ASSISTANT]) == [rows - 2, rows - 1]
     assert system.handoff_report.loaded.keys() == {"encoder", "adapter", "llm", "regression_head"}
@@ -233,7 +239,7 @@ def test_gen_tuning_from_a_converted_emu2_in_the_release_spelling(tmp_path):
     overlay = data_overlay(tmp_path, {"gen": ("instruct", "SyntheticGen", "train", 16)}, max_length=160,
                            spelling="emu2")
     cli = fit(tmp_path, ROOT / "recipes" / "debug" / "gen.yaml", folder, overlay,
-              *_lr(["adapter", "llm", "regression_head"]))
+              *_lr(["adapter", "llm", "regression_head"]), *RELEASED_STEM)
     batch = next(iter(cli.datamodule.train_dataloader()))
     assert int(batch["input_ids"].max()) < rows
     start, end = safe_load(folder / "weights.pt"), cli.model.state_dict()
