@@ -178,25 +178,30 @@ def tiny_run(folder: Path, kind: str, seed: int = 0) -> Path:
     return folder
 
 
+def load_class(class_path: str) -> type:
+    """The class a recipe's `class_path` names."""
+    import importlib
+
+    module, name = class_path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def build_fragment(fragment: Path) -> torch.nn.Module:
+    """A component from a recipe fragment (`class_path` + `init_args`), as the CLI builds it."""
+    import yaml
+
+    spec = yaml.safe_load(Path(fragment).read_text())
+    return load_class(spec["class_path"])(**spec.get("init_args", {}))
+
+
 def debug_system(recipe: str = "stage1_meanpool"):
     """The system `recipes/debug/<recipe>.yaml` builds (same class, parts, keys and shapes), made from the recipe's
     model section and component fragments directly instead of through the CLI's parser (seconds less per test).
     The optimizer is left at the system's default (it holds no state); plain values and the policy are the recipe's."""
-    import importlib
-
     import yaml
 
     path = Path(__file__).resolve().parents[1] / "recipes" / "debug" / f"{recipe}.yaml"
     model = yaml.safe_load(path.read_text())["model"]
-
-    def load(class_path: str):
-        module, name = class_path.rsplit(".", 1)
-        return getattr(importlib.import_module(module), name)
-
-    def build(fragment: str) -> torch.nn.Module:
-        spec = yaml.safe_load((path.parent / fragment).read_text())
-        return load(spec["class_path"])(**spec.get("init_args", {}))
-
     kwargs = {}
     for key, value in model["init_args"].items():
         if key == "optimizer":
@@ -204,7 +209,7 @@ def debug_system(recipe: str = "stage1_meanpool"):
         if key == "policy":
             kwargs[key] = StagePolicy(**value)
         elif isinstance(value, str) and value.endswith(".yaml"):
-            kwargs[key] = build(value)
+            kwargs[key] = build_fragment(path.parent / value)
         else:
             kwargs[key] = value
-    return load(model["class_path"])(**kwargs)
+    return load_class(model["class_path"])(**kwargs)

@@ -19,21 +19,11 @@ from components.contrastive import PooledImageHead, TextTower
 from components.encoders.eva import EVAEncoder, sincos_2d
 from components.llm.llama import LlamaLM
 from components.llm.regression_head import RegressionHead
+from tests.helpers import build_fragment
 
 COMPONENTS_DIR = Path(__file__).resolve().parents[2] / "components"
 FRAGMENTS = Path(__file__).resolve().parents[2] / "recipes" / "components"
 B = 2
-
-
-def _build(fragment: Path) -> nn.Module:
-    """A component from a recipe fragment (`class_path` + `init_args`), as the CLI builds it."""
-    import importlib
-
-    import yaml
-
-    spec = yaml.safe_load(fragment.read_text())
-    module, name = spec["class_path"].rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
 
 
 class ComponentContract:
@@ -309,7 +299,7 @@ def test_adapters_are_interchangeable(make) -> None:
 def test_real_size_fragments_build_on_meta(fragment, params_b: float, attrs: dict) -> None:
     """The papers' sizes live in the recipe fragments only (no Python preset that could disagree with them)."""
     with torch.device("meta"):
-        module = _build(FRAGMENTS / f"{fragment}.yaml")
+        module = build_fragment(FRAGMENTS / f"{fragment}.yaml")
     params = list(module.parameters())
     assert all(p.is_meta for p in params)
     assert sum(p.numel() for p in params) / 1e9 == pytest.approx(params_b, rel=0.03)
@@ -318,7 +308,7 @@ def test_real_size_fragments_build_on_meta(fragment, params_b: float, attrs: dic
 
 def test_real_eva_fragments_follow_the_papers() -> None:
     with torch.device("meta"):
-        g, e = _build(FRAGMENTS / "encoder_eva01_clip_g.yaml"), _build(FRAGMENTS / "encoder_eva02_clip_e_plus_448.yaml")
+        g, e = build_fragment(FRAGMENTS / "encoder_eva01_clip_g.yaml"), build_fragment(FRAGMENTS / "encoder_eva02_clip_e_plus_448.yaml")
     assert (len(g.trunk.blocks), g.drop_cls, g.block_cls.__name__) == (40, False, "EvaBlock")
     assert (len(e.trunk.blocks), e.drop_cls, e.block_cls.__name__) == (64, True, "EvaBlockPostNorm")
 
@@ -357,7 +347,7 @@ def test_every_debug_adapter_fragment_meets_the_protocol(fragment: Path) -> None
     from components.base import PooledAdapter
 
     torch.manual_seed(0)
-    encoder, adapter = _build(FRAGMENTS / "encoder_eva_debug.yaml"), _build(fragment)
+    encoder, adapter = build_fragment(FRAGMENTS / "encoder_eva_debug.yaml"), build_fragment(fragment)
     assert isinstance(adapter, Adapter)
     assert adapter.in_dim == encoder.embed_dim
     feats = encoder(torch.randn(B, 3, 64, 64))
