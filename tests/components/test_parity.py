@@ -11,11 +11,12 @@ from transformers.models.t5.modeling_t5 import T5Stack
 from components.adapters.cformer import CFormer, t5_decoder_config
 from components.encoders.eva import EVAEncoder
 from components.llm.llama import LlamaLM
-from tests.components.test_contract import FRAGMENTS, _build
+from tests.components.test_contract import FRAGMENTS
+from tests.helpers import build_fragment
 
 
 def _fragment(name: str) -> torch.nn.Module:
-    return _build(FRAGMENTS / f"{name}.yaml")
+    return build_fragment(FRAGMENTS / f"{name}.yaml")
 
 TINY_EVA = dict(  # shrunk architecture; same for reference and encoder
     img_size=64, patch_size=8, depth=3, embed_dim=64, num_heads=2, num_classes=0)
