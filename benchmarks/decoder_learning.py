@@ -61,13 +61,45 @@ def scenes_batch(split: str, n: int, offset: int = 0):
     return torch.stack([tf(s["image"]) for s in items]), [s["scene"] for s in items], [s["captions"][0] for s in items]
 
 
+def cell_probe(x: torch.Tensor, y: torch.Tensor, kind: str = "linear", steps: int = 400):
+    """Fit a probe from flattened features x (n,F) to per-cell labels y (n,9) of 7 classes (6 = empty), on
+    features standardised with x's own statistics; returns predict(x') → (m,9) labels, standardising x' the
+    same way. `kind`: `linear` or `mlp` (one hidden layer of 512)."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    torch.manual_seed(0)
+    head = (torch.nn.Linear(x.shape[1], 9 * 7) if kind == "linear" else
+            torch.nn.Sequential(torch.nn.Linear(x.shape[1], 512), torch.nn.GELU(), torch.nn.Linear(512, 9 * 7)))
+    with torch.enable_grad():
+        opt = torch.optim.Adam(head.parameters(), lr=1e-3, weight_decay=1e-4)
+        xs = (x - mu) / sd
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(head(xs).view(-1, 7), y.flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    @torch.no_grad()
+    def predict(x_new: torch.Tensor) -> torch.Tensor:
+        return head((x_new - mu) / sd).view(-1, 9, 7).argmax(-1)
+
+    return predict
+
+
+def object_accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of the cells holding an object whose label `pred` gets right."""
+    from emu_lightning.metrics.semantic import EMPTY
+
+    obj = y != EMPTY
+    return float((pred == y)[obj].float().mean())
+
+
 @torch.no_grad()
 def probe(system, n_train: int = 4096, n_test: int = 512, steps: int = 400,
           kinds: tuple[str, ...] = ("linear", "mlp")) -> dict[str, float]:
     """Probes of the frozen conditions (flattened, standardised) → per-cell shape and color (7 classes, 6 = empty):
     a linear one and a one-hidden-layer MLP (the decoder is non-linear), trained on train renders, scored on val.
     `kinds` picks which (the MLP on 64×192 features costs ~20× the linear probe's time)."""
-    from emu_lightning.metrics.semantic import EMPTY, scene_targets
+    from emu_lightning.metrics.semantic import scene_targets
 
     def feats(split, n):
         x, scenes, _ = scenes_batch(split, n)
@@ -75,25 +107,11 @@ def probe(system, n_train: int = 4096, n_test: int = 512, steps: int = 400,
         return cond.flatten(1), scene_targets(scenes)
 
     (xtr, (s_tr, c_tr)), (xte, (s_te, c_te)) = feats("train", n_train), feats("val", n_test)
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
-    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
     out = {}
     for kind in kinds:
         for name, ytr, yte in (("shape", s_tr, s_te), ("color", c_tr, c_te)):
-            torch.manual_seed(0)
-            head = (torch.nn.Linear(xtr.shape[1], 9 * 7) if kind == "linear" else
-                    torch.nn.Sequential(torch.nn.Linear(xtr.shape[1], 512), torch.nn.GELU(),
-                                        torch.nn.Linear(512, 9 * 7)))
-            with torch.enable_grad():
-                opt = torch.optim.Adam(head.parameters(), lr=1e-3, weight_decay=1e-4)
-                for _ in range(steps):
-                    loss = torch.nn.functional.cross_entropy(head(xtr).view(-1, 7), ytr.flatten())
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-            pred = head(xte).view(-1, 9, 7).argmax(-1)
-            obj = yte != EMPTY
-            out[f"probe_{name}" if kind == "linear" else f"probe_mlp_{name}"] = float((pred == yte)[obj].float().mean())
+            acc = object_accuracy(cell_probe(xtr, ytr, kind, steps)(xte), yte)
+            out[f"probe_{name}" if kind == "linear" else f"probe_mlp_{name}"] = acc
     return out
 
 

@@ -82,6 +82,10 @@ class DecoderSystem(PartsSystem):
             evaluation as text-to-image (`<set>/t2i_*`). Frozen, and kept out of this system's checkpoint.
         generated_p: share of training samples conditioned on the generator's embedding of one of their captions
             (drawn at random) instead of the encoder's; the condition drop applies to both.
+        snr_gamma: Min-SNR-γ loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+            Weighting Strategy"; γ = 5 in the paper): each sample's MSE is weighted by min(SNR(t), γ) / SNR(t)
+            for epsilon, / (SNR(t) + 1) for v-prediction, 1 for sample prediction, so the easy low-noise steps
+            stop dominating. None (the default, both papers' decoders) weights every step equally.
     """
 
     def __init__(self, encoder: VisualEncoder, adapter: Adapter, unet: VisualDecoderUNet,
@@ -94,7 +98,7 @@ class DecoderSystem(PartsSystem):
                  bad_step_window: int | None = 1000, tokenizer: str | None = None, num_samples: int = 8,
                  policy: StagePolicy | None = None,
                  optimizer: OptimizerCallable = _adamw, warmup: float = 0.02, min_lr_ratio: float = 0.1,
-                 generator: str | None = None, generated_p: float = 0.0):
+                 generator: str | None = None, generated_p: float = 0.0, snr_gamma: float | None = None):
         super().__init__(policy or StagePolicy(trainable=["unet"], lr={"unet": 1e-4}, weight_decay=0.01),
                          optimizer, warmup, min_lr_ratio, max_bad_steps, bad_step_window)
         self.save_hyperparameters(ignore=["encoder", "adapter", "unet", "space", "optimizer"], logger=False)
@@ -133,6 +137,9 @@ class DecoderSystem(PartsSystem):
         self.cond_drop, self.noise_offset, self.null_kind = cond_drop, noise_offset, null_condition
         self.ema = copy.deepcopy(unet).requires_grad_(False) if ema_decay else None
         self.ema_decay = ema_decay
+        if snr_gamma is not None and snr_gamma <= 0:
+            raise ValueError(f"snr_gamma={snr_gamma}; expected a positive γ (5 in Hang et al. 2023) or None")
+        self.snr_gamma = snr_gamma
         self.init_from = init_from
         self.handoff = handoff or {"encoder": "encoder", "adapter": "adapter", "unet": "unet"}
         self.handoff_optional = () if handoff else ("unet",)
@@ -255,8 +262,27 @@ class DecoderSystem(PartsSystem):
         else:
             target = self.noise_scheduler.get_velocity(z, noise, t)
         pred = self.unet(z_t, t, cond)
-        loss = F.mse_loss(pred.float(), target.float())
+        if self.snr_gamma is None:
+            loss = F.mse_loss(pred.float(), target.float())
+        else:
+            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+            loss = (per_sample * self.min_snr_weights(t)).mean()
         return {"diffusion_loss": loss, "loss": loss, "cond_drop_frac": drop.float().mean()}
+
+    def min_snr_weights(self, t: Tensor) -> Tensor:
+        """Per-sample Min-SNR-γ weights (Hang et al. 2023) for timesteps `t`, by prediction type."""
+        from diffusers.training_utils import compute_snr   # lazy: it imports more of diffusers than sampling needs
+
+        snr = compute_snr(self.noise_scheduler, t).float()
+        weights = snr.clamp(max=self.snr_gamma)
+        if self.prediction_type == "epsilon":
+            # SNR is 0 at the last step of a zero-terminal-SNR schedule: min(0, γ) / 0 is taken as 1 there
+            weights = torch.where(snr > 0, weights / snr.clamp(min=torch.finfo(snr.dtype).tiny), 1.0)
+        elif self.prediction_type == "v_prediction":
+            weights = weights / (snr + 1)
+        else:
+            weights = torch.ones_like(snr)
+        return weights
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         self.count_skips(batch.get("skipped") or {}, len(batch["pixel_values"]))   # as stage 1: same data module
