@@ -81,7 +81,7 @@ def test_sigterm_saves_a_checkpoint_and_resumes_to_identical_weights(tmp_path):
 def _start(overlay_path: str, ckpt: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tests.resume_helpers", overlay_path] + ([ckpt] if ckpt else [])
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
 
 
 def _wait_for(path: Path, what: str, proc: subprocess.Popen, timeout: float = 120) -> str:
@@ -120,15 +120,20 @@ def _assert_resumed_after(path: Path, before: list[str], step: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_killed_subprocess_resumes_to_identical_weights(sig, tmp_path):
+@pytest.mark.parametrize("sig, group", [(signal.SIGKILL, False), (signal.SIGTERM, False), (signal.SIGTERM, True)],
+                         ids=["sigkill", "sigterm", "sigterm-to-the-group"])
+def test_killed_subprocess_resumes_to_identical_weights(sig, group, tmp_path):
     """The recipe's DataLoader worker (num_workers 1); the parent kills the run at a random step past the first
-    checkpoint, while it trains (0.3 s pause per step widens the window)."""
+    checkpoint, while it trains (0.3 s pause per step widens the window). `group`: the signal goes to the run's
+    whole process group, its DataLoader worker included, as SLURM's scancel does."""
     ref = _subprocess_reference(tmp_path)
     k = random.randint(3, STEPS - 1)
     proc = _start(overlay(tmp_path, STEPS, num_workers=1, pause=0.3, name="cut"))
     _wait_for(tmp_path / "cut" / "marks", str(k), proc)
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     killed_marks = _marks(tmp_path / "cut" / "marks")          # the killed run's marks, before the resume's
     saved = safe_load(tmp_path / "cut" / "ckpt" / "last.ckpt")

@@ -19,6 +19,7 @@ from emu_lightning.data.layout.collate import CaptionCollator
 from emu_lightning.data.layout.sequence import SkipSample
 from emu_lightning.data.modules.mixture import ResumableLoader
 from emu_lightning.data.modules.ranks import broadcast, gather, reader_role
+from emu_lightning.data.modules.workers import ignore_sigterm
 
 MAX_SKIPS_PER_READ = 32            # unreadable samples in a row before a read gives up
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # docs/design.md §1 preprocessing
@@ -128,6 +129,7 @@ class ResumableMapLoader(DataLoader):
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, rank: int = 0, world: int = 1, **kwargs: Any):
+        kwargs.setdefault("worker_init_fn", ignore_sigterm)
         super().__init__(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), rank, world),
                          drop_last=True, **kwargs)
         self.rank, self.world = rank, world
@@ -297,7 +299,8 @@ class CaptionDataModule(NamedEvalSets, L.LightningDataModule):
         return DataLoader(wrap(ds, self.transform, train),
                           batch_size=self.batch_size if train else self.eval_batch_size,
                           shuffle=shuffle, drop_last=train, num_workers=self.num_workers,
-                          collate_fn=self._collate(), persistent_workers=self.num_workers > 0)
+                          collate_fn=self._collate(), persistent_workers=self.num_workers > 0,
+                          worker_init_fn=ignore_sigterm)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from emu_lightning.data.layout.sequence import Layout, SkipSample
 from emu_lightning.data.modules.ranks import check_world, gather, own_readers, rank_world, reader_role
+from emu_lightning.data.modules.workers import ignore_sigterm
 
 
 def step_counts(weights: dict[str, float], batch_size: int) -> dict[str, int]:
@@ -188,6 +189,7 @@ class ResumableLoader(DataLoader):
 
     def __init__(self, dataset: IterableDataset, **kwargs: Any):
         kwargs.setdefault("batch_size", None)
+        kwargs.setdefault("worker_init_fn", ignore_sigterm)
         super().__init__(dataset, **kwargs)
         self.readers: dict[str, dict] = {}   # reader index → its position after its last consumed batch
         self.steps = 0                       # batches consumed since the stream began (on this rank)

@@ -17,6 +17,7 @@ from emu_lightning.data.layout.chat import chat_template
 from emu_lightning.data.layout.packing import PackingCollator
 from emu_lightning.data.modules.captions import NamedEvalSets, image_transform
 from emu_lightning.data.modules.mixture import ResumableLoader, SourceMixture, Step, step_counts
+from emu_lightning.data.modules.workers import ignore_sigterm
 from emu_lightning.data.layout.sequence import Layout, SequenceCollator
 
 
@@ -210,7 +211,7 @@ class MultimodalDataModule(NamedEvalSets, L.LightningDataModule):
     def _eval_loader(self, name: str, ds: Dataset) -> DataLoader:
         collate = _EvalCollate(self, self.layout(self.eval_layouts.get(name) or Layout.infer(ds[0]), train=False))
         return DataLoader(ds, batch_size=self.eval_batch_size, num_workers=self.num_workers,
-                          collate_fn=collate, persistent_workers=self.num_workers > 0)
+                          collate_fn=collate, persistent_workers=self.num_workers > 0, worker_init_fn=ignore_sigterm)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader(n, ds) for n, ds in self.val_sets.items()]
