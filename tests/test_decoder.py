@@ -140,15 +140,15 @@ def test_loss_target_follows_prediction_type(prediction_type, monkeypatch):
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_min_snr_weighting_scales_each_sample_by_its_timestep(prediction_type, monkeypatch):
     """snr_gamma (Hang et al. 2023): an oracle UNet off its target by a known per-sample constant c_i gives
-    loss mean_i(c_i² · w(t_i)) with w = min(SNR, γ)/SNR (epsilon), min(SNR, γ)/(SNR + 1) (v) or 1 (sample),
-    SNR = ᾱ/(1 − ᾱ) computed here from the schedule; the zero-terminal-SNR last step stays finite."""
+    loss mean_i(c_i² · w(t_i)) with w = min(SNR, γ)/SNR (epsilon), min(SNR, γ)/(SNR + 1) (v) or min(SNR, γ)
+    (sample), SNR = ᾱ/(1 − ᾱ) computed here from the schedule; the zero-terminal-SNR last step stays finite."""
     gamma = 5.0
     system = tiny_decoder(noise_schedule={"prediction_type": prediction_type, "rescale_betas_zero_snr": True,
                                           "beta_schedule": "squaredcos_cap_v2"}, cond_drop=0.0, snr_gamma=gamma)
     x = pixels(6)
     z = system.target_images(x)
     abar = system.noise_scheduler.alphas_cumprod.double()
-    offsets = torch.tensor([0.5, 1.0, 1.5, 2.0, 0.25, 3.0])
+    offsets = torch.tensor([3.0, 1.0, 1.5, 2.0, 0.25, 0.5])
     seen = {}
 
     def oracle(z_t, t, cond, time_ids=None):
@@ -167,11 +167,11 @@ def test_min_snr_weighting_scales_each_sample_by_its_timestep(prediction_type, m
     snr = abar[fixed] / (1 - abar[fixed])
     expected_w = {"epsilon": torch.where(snr > 0, snr.clamp(max=gamma) / snr, 1.0),
                   "v_prediction": snr.clamp(max=gamma) / (snr + 1),
-                  "sample": torch.ones_like(snr)}[prediction_type]
+                  "sample": snr.clamp(max=gamma)}[prediction_type]
     assert torch.isfinite(loss)
     assert loss.item() == pytest.approx((offsets.double() ** 2 * expected_w).mean().item(), rel=1e-3)
-    if prediction_type != "sample":   # the weighting is not a constant: an unweighted mean would fail above
-        assert abs((offsets.double() ** 2).mean().item() - loss.item()) > 0.1
+    # the weighting is not a constant: an unweighted mean would fail above
+    assert abs((offsets.double() ** 2).mean().item() - loss.item()) > 0.1
 
 
 def test_min_snr_gamma_must_be_positive():

@@ -83,9 +83,10 @@ class DecoderSystem(PartsSystem):
         generated_p: share of training samples conditioned on the generator's embedding of one of their captions
             (drawn at random) instead of the encoder's; the condition drop applies to both.
         snr_gamma: Min-SNR-γ loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
-            Weighting Strategy"; γ = 5 in the paper): each sample's MSE is weighted by min(SNR(t), γ) / SNR(t)
-            for epsilon, / (SNR(t) + 1) for v-prediction, 1 for sample prediction, so the easy low-noise steps
-            stop dominating. None (the default, both papers' decoders) weights every step equally.
+            Weighting Strategy"; γ = 5 in the paper): each sample's MSE is weighted by min(SNR(t), γ) for
+            sample (x0) prediction, that divided by SNR(t) for epsilon and by SNR(t) + 1 for v-prediction (the
+            paper's equivalents of one weighting), so the easy low-noise steps stop dominating. None (the
+            default, both papers' decoders) weights every step equally.
     """
 
     def __init__(self, encoder: VisualEncoder, adapter: Adapter, unet: VisualDecoderUNet,
@@ -280,9 +281,7 @@ class DecoderSystem(PartsSystem):
             weights = torch.where(snr > 0, weights / snr.clamp(min=torch.finfo(snr.dtype).tiny), 1.0)
         elif self.prediction_type == "v_prediction":
             weights = weights / (snr + 1)
-        else:
-            weights = torch.ones_like(snr)
-        return weights
+        return weights   # sample (x0) prediction: min(SNR, γ) itself
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         self.count_skips(batch.get("skipped") or {}, len(batch["pixel_values"]))   # as stage 1: same data module
