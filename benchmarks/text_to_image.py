@@ -48,7 +48,7 @@ def evaluate(stage2: str, decoder: str | None, n: int, guidance: float, steps: i
     dec = load_decoder(decoder) if decoder else None
     if dec is not None:
         check_pairing(generator, dec.unet, dec.condition_kind)
-    judge = load_scene_classifier(CLASSIFIER).eval()
+        judge = load_scene_classifier(CLASSIFIER).eval()   # only decoded images are judged
 
     def true_embeddings(x):   # the space the head regresses, of the true images
         out = []
@@ -75,7 +75,7 @@ def evaluate(stage2: str, decoder: str | None, n: int, guidance: float, steps: i
     grids = []
     for split in ("val", "heldout"):
         x, scenes, captions = scenes_batch(split, n)
-        sem, sim = SemanticAccuracy(judge), EmbeddingSimilarity()
+        sim = EmbeddingSimilarity()
         t_embed = t_all = 0.0
         images, conds, trues = [], [], []
         for i in range(0, n, batch):
@@ -94,6 +94,7 @@ def evaluate(stage2: str, decoder: str | None, n: int, guidance: float, steps: i
         res["sec_per_embedding"] = round(t_embed / n, 4)
         if dec is not None:
             images = torch.cat(images)
+            sem = SemanticAccuracy(judge)
             sem.update(images, scenes)
             res = {**{k: round(float(v), 4) for k, v in sem.compute().items()}, **res,
                    "sec_per_image": round(t_all / n, 4)}
