@@ -13,7 +13,8 @@ from emu_lightning.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "recipes" / "debug"
-HEADS = {"queries": "head_queries_debug.yaml", "autoregressive": "head_autoregressive_debug.yaml"}
+HEADS = {"queries": "head_queries_debug.yaml", "autoregressive": "head_autoregressive_debug.yaml",
+         "queries-flow": "head_queries_flow_debug.yaml"}
 
 
 def _small(split: str, n: int = 4) -> dict:
@@ -58,8 +59,12 @@ def test_t2i_fit_with_each_head_logs_judged_text_to_image(chain, head, monkeypat
            "data": {"init_args": {"val": {"val_captions": _small("val")}, "batch_size": 4, "eval_batch_size": 4,
                                   "num_workers": 0}}}
     cli = cli_main(["fit", "--config", str(DEBUG / "t2i.yaml"), "--config", _write(tmp / f"{head}.yaml", cfg)])
-    assert type(cli.model.regression_head).__name__ == {"queries": "QueryHead", "autoregressive": "AutoregressiveHead"}[head]
+    assert type(cli.model.regression_head).__name__ == {"queries": "QueryHead", "autoregressive": "AutoregressiveHead",
+                                                        "queries-flow": "QueryHead"}[head]
+    assert (cli.model.regression_head.flow is not None) == (head == "queries-flow")
     metrics = cli.trainer.callback_metrics
+    if head == "queries-flow":
+        assert torch.isfinite(metrics["train/flow_loss"]) and float(metrics["train/flow_loss"]) > 0
     for key in ("train/regression_loss", "train/pred_var", "train/target_var", "val_captions/gen_cos",
                 "val_captions/t2i_color", "val_captions/t2i_shape", "val_captions/t2i_both",
                 "val_captions/t2i_position"):

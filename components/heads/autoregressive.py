@@ -29,7 +29,8 @@ class AutoregressiveHead(ProjectionHead):
     """Next-embedding regression with feedback.
 
     Args:
-        in_dim, out_dim, whiten: see `ProjectionHead`.
+        in_dim, out_dim, whiten, flow: see `ProjectionHead` (with `flow`, each fed-back embedding is a sample, as
+            in MAR's autoregressive variant).
         noise_max: largest training noise level σ (relative to each row's RMS); 0 = the papers' teacher forcing.
         noise_inference: σ added to each fed-back embedding at generation time.
     """
@@ -37,8 +38,8 @@ class AutoregressiveHead(ProjectionHead):
     feeds_back = True
 
     def __init__(self, in_dim: int = 256, out_dim: int = 256, whiten: bool = False, noise_max: float = 0.0,
-                 noise_inference: float = 0.0) -> None:
-        super().__init__(in_dim, out_dim, whiten)
+                 noise_inference: float = 0.0, flow: dict[str, Any] | None = None) -> None:
+        super().__init__(in_dim, out_dim, whiten, flow)
         if noise_max < 0 or noise_inference < 0:
             raise ValueError(f"noise levels must be ≥ 0; got noise_max={noise_max}, noise_inference={noise_inference}")
         self.noise_max, self.noise_inference = noise_max, noise_inference

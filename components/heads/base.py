@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from components.base import CausalLM
+from components.heads.flow import FlowSampler
+from components.losses.regression import regression_loss
 
 
 @runtime_checkable
@@ -46,14 +48,27 @@ class ProjectionHead(nn.Module):
         out_dim: target width D_tgt.
         whiten: regress (target - mean) / std per dimension; the statistics are estimated once from a data
             sample (`fit_whitening`, called by the system at fit start) and saved as buffers.
+        flow: arguments of a `FlowSampler` (`width`, `depth`, `steps`, `temperature`, `repeat`), or None. With it
+            the head *samples* each embedding with a per-token flow-matching denoiser conditioned on the hidden
+            state (MAR, Li et al. 2024) instead of returning the linear map's conditional mean; the linear map
+            keeps its regression loss (the point estimate `mean`, and the readings), and the flow loss is added
+            to it. The flow works in the regression space: whiten the targets so its N(0, I) noise fits them.
     """
 
     feeds_back = True
 
-    def __init__(self, in_dim: int = 256, out_dim: int = 256, whiten: bool = False) -> None:
+    def __init__(self, in_dim: int = 256, out_dim: int = 256, whiten: bool = False,
+                 flow: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.in_dim, self.out_dim, self.whiten = in_dim, out_dim, whiten
         self.proj = nn.Linear(in_dim, out_dim, bias=False)
+        self.flow: FlowSampler | None = None
+        if flow:
+            known = {"width", "depth", "steps", "temperature", "repeat"}
+            if set(flow) - known:
+                raise ValueError(f"regression_head flow: unknown keys {sorted(set(flow) - known)}; expected some of "
+                                 f"{sorted(known)}")
+            self.flow = FlowSampler(out_dim, in_dim, **flow)
         if whiten:
             self.register_buffer("target_mean", torch.zeros(out_dim))
             self.register_buffer("target_std", torch.ones(out_dim))
@@ -87,9 +102,29 @@ class ProjectionHead(nn.Module):
         return pred * self.target_std.to(pred.dtype) + self.target_mean.to(pred.dtype)
 
     def regress(self, hidden: Tensor) -> Tensor:
-        """(...,D_llm) → (...,D_tgt) in the regression space (whitened when `whiten`): what the loss reads."""
+        """(...,D_llm) → (...,D_tgt) in the regression space (whitened when `whiten`): the linear point estimate."""
         return self.proj(hidden)
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        """(...,D_llm) → (...,D_tgt) in the target space (the decoder's condition space)."""
+    def loss(self, hidden: Tensor, target: Tensor, objective: str = "mse") -> tuple[dict[str, Tensor], Tensor]:
+        """The head's training loss for (P,D_llm) predicting hidden states and their (P,D_tgt) targets in the
+        regression space (`normalize`d). Returns the terms of `regression_loss` (with a flow sampler,
+        `regression_loss` also holds the flow loss, and `flow_loss` is its reading) and the (P,D_tgt) point
+        estimates `regress(hidden)`."""
+        pred = self.regress(hidden)
+        terms = regression_loss(pred, target, objective)
+        if self.flow is not None and len(target):
+            flow = self.flow.loss(hidden, target)
+            terms["regression_loss"] = terms["regression_loss"] + flow
+            terms["flow_loss"] = flow.detach()
+        return terms, pred
+
+    def mean(self, hidden: Tensor) -> Tensor:
+        """(...,D_llm) → (...,D_tgt) the linear map's point estimate, in the target space."""
         return self.denormalize(self.proj(hidden))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """(...,D_llm) → (...,D_tgt) in the target space (the decoder's condition space): the point estimate, or
+        with a flow sampler a sample (drawn from torch's global generator)."""
+        if self.flow is None:
+            return self.mean(hidden)
+        return self.denormalize(self.flow.sample(hidden))

@@ -22,7 +22,7 @@ class QueryHead(ProjectionHead):
     """N learnable queries after `[IMG]`, read out in one pass.
 
     Args:
-        in_dim, out_dim, whiten: see `ProjectionHead`.
+        in_dim, out_dim, whiten, flow: see `ProjectionHead`.
         num_tokens: N, the number of queries; must equal the adapter's tokens per image.
         init_std: standard deviation of the queries' initialisation.
     """
@@ -30,8 +30,8 @@ class QueryHead(ProjectionHead):
     feeds_back = False
 
     def __init__(self, in_dim: int = 256, out_dim: int = 256, num_tokens: int = 16, whiten: bool = False,
-                 init_std: float = 0.02) -> None:
-        super().__init__(in_dim, out_dim, whiten)
+                 init_std: float = 0.02, flow: dict[str, Any] | None = None) -> None:
+        super().__init__(in_dim, out_dim, whiten, flow)
         self.num_tokens = num_tokens
         self.queries = nn.Parameter(torch.randn(num_tokens, in_dim) * init_std)   # (N,D_llm)
 

@@ -148,8 +148,14 @@ def cformer(adapter: CFormer, images: int, L_enc: int, a: int, trains: bool) -> 
 
 def head(regression_head: ProjectionHead, P: int, a: int, trains: bool) -> PartCost:
     """The regression head over P regressed positions: its gathered input rows (aD) and the float32 difference
-    the squared error saves (4·D_tgt); the targets are a local."""
+    the squared error saves (4·D_tgt); the targets are a local. A flow sampler adds its MLP over `repeat` noisy
+    copies of each row (about 6 width-wide activations per block, 4 more outside)."""
     fwd = 2 * P * regression_head.in_dim * regression_head.out_dim
     saved = P * (a * regression_head.in_dim + 4 * regression_head.out_dim)
+    flow = getattr(regression_head, "flow", None)
+    if flow is not None:   # a flow sampler runs its MLP on `repeat` noisy copies of every regressed row
+        rows = P * flow.repeat
+        fwd += 2 * rows * linear_numel(flow)
+        saved += rows * (a * (6 * len(flow.blocks) + 4) * flow.width + 4 * flow.dim)
     return PartCost(fwd_flops=fwd, bwd_flops=backward_factor(trains, True) * fwd, saved=saved, boundary=saved,
                     locals=P * regression_head.out_dim * a)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from components.base import PooledAdapter
 from components.heads.base import ProjectionHead
-from components.losses.regression import OBJECTIVES, regression_loss
+from components.losses.regression import OBJECTIVES
 from components.losses.text import token_ce
 from components.multimodal import image_run_index, placeholder_mask
 from emu_lightning.data.layout.sequence import SequenceCollator, pad
@@ -156,9 +156,8 @@ class Stage2System(MultimodalEval, EmuSystem):
         hidden, _ = self.llm(inputs, mask)                             # (B,T,D_llm) after the final norm
         ce = token_ce(self.llm.logits(hidden), batch["labels"])        # (B,T-1)
         is_text = batch["labels"][:, 1:] != -100                       # (B,T-1) positions with a CE target
-        pred = head.regress(hidden[pos])                               # (P,D_tgt) regression space
-        norm_target = head.normalize(target)
-        reg = regression_loss(pred, norm_target, self.objective)
+        norm_target = head.normalize(target)                           # (P,D_tgt) regression space
+        reg, pred = head.loss(hidden[pos], norm_target, self.objective)
         text = ce[is_text].mean() if is_text.any() else ce.sum() * 0.0
         out = {"text_loss": text, **reg, "loss": self.text_weight * text + self.regression_weight * reg["regression_loss"]}
         out.update(self.collapse_readings(head.denormalize(pred.detach()), target))
