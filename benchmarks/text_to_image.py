@@ -38,13 +38,20 @@ COLUMNS = ("color", "shape", "both", "position", "gen_cos", "probe_shape_true", 
 
 @torch.no_grad()
 def evaluate(stage2: str, decoder: str | None, n: int, guidance: float, steps: int, batch: int = 64,
-             probe_train: int = 0) -> dict:
+             probe_train: int = 0, seed: int = 0, flow: dict | None = None) -> dict:
     from emu_lightning.inference.infer import load_decoder, load_model
     from emu_lightning.metrics.embedding import EmbeddingSimilarity
     from emu_lightning.metrics.semantic import SemanticAccuracy, load_scene_classifier, resize, scene_targets
     from emu_lightning.systems.decoder import check_pairing
 
     generator = load_model(stage2)
+    sampler = generator.regression_head.flow
+    if flow and sampler is None:
+        raise ValueError(f"--flow-temperature / --flow-steps given, but {stage2}'s "
+                         f"{type(generator.regression_head).__name__} has no flow sampler")
+    for k, v in (flow or {}).items():
+        setattr(sampler, k, v)
+    torch.manual_seed(seed)   # a sampling head (flow) draws from the global generator
     dec = load_decoder(decoder) if decoder else None
     if dec is not None:
         check_pairing(generator, dec.unet, dec.condition_kind)
@@ -71,7 +78,9 @@ def evaluate(stage2: str, decoder: str | None, n: int, guidance: float, steps: i
     null = generator.generate_image_embeddings([[("text", "")]])
     out: dict = {"meta": {"stage2": stage2, "decoder": decoder, "n": n, "guidance": guidance, "steps": steps,
                           "head": type(generator.regression_head).__name__, "objective": generator.objective,
-                          "probe_train": probe_train, **run_facts()}}
+                          "probe_train": probe_train, "seed": seed,
+                          "flow": {k: getattr(sampler, k) for k in ("steps", "temperature")} if sampler else None,
+                          **run_facts()}}
     grids = []
     for split in ("val", "heldout"):
         x, scenes, captions = scenes_batch(split, n)
@@ -135,6 +144,9 @@ def main() -> None:
     p.add_argument("--probe", type=int, default=0, metavar="N",
                    help="linear shape/color probes on N train scenes, fit on the true and on the generated "
                         "embeddings (0: off)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the draws of a sampling (flow) head")
+    p.add_argument("--flow-temperature", type=float, default=None, help="override the flow sampler's temperature")
+    p.add_argument("--flow-steps", type=int, default=None, help="override the flow sampler's Euler steps")
     p.add_argument("--report", action="store_true")
     a = p.parse_args()
     if a.report:
@@ -144,7 +156,8 @@ def main() -> None:
         p.error("--arm, --stage2 and --decoder (or --probe without a decoder) are required (or --report)")
     torch.set_num_threads(a.threads)
     start = time.time()
-    res, grids = evaluate(a.stage2, a.decoder, a.n, a.guidance, a.steps, probe_train=a.probe)
+    flow = {k: v for k, v in (("temperature", a.flow_temperature), ("steps", a.flow_steps)) if v is not None}
+    res, grids = evaluate(a.stage2, a.decoder, a.n, a.guidance, a.steps, probe_train=a.probe, seed=a.seed, flow=flow)
     res["meta"]["wall_s"] = round(time.time() - start, 1)
     merge_result(NAME, a.arm, res)   # arms evaluated in parallel merge one at a time
     if not grids:

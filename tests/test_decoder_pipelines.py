@@ -239,3 +239,20 @@ def test_load_system_rebuilds_a_cli_run_without_its_handoff(tmp_path, monkeypatc
     with pytest.raises(ValueError, match="weights_only=False"):
         load_system(run, pickled)
     assert isinstance(load_system(run / "config.yaml", pickled, weights_only=False), DecoderSystem)
+
+
+def test_a_sampling_head_draws_from_the_seed_and_leaves_the_global_generator_alone():
+    from components.heads import AutoregressiveHead
+
+    torch.manual_seed(0)
+    head = AutoregressiveHead(64, 64, flow={"width": 16, "depth": 1, "steps": 4, "repeat": 1})
+    torch.nn.init.normal_(head.flow.out.weight, std=0.5)                   # a sampler whose draws vary
+    p = EmuImagePipeline(tiny_decoder(), tiny_stage2(head=head))
+    state = torch.get_rng_state()
+    a = p.text_to_image(["a red circle"], steps=2, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(p.text_to_image(["a red circle"], steps=2, seed=3), a, rtol=0, atol=0)
+    c3, _ = p.prompt_conditions([["a red circle"]], seed=3)
+    c4, _ = p.prompt_conditions([["a red circle"]], seed=4)
+    assert not torch.allclose(c3, c4)                                       # the seed reaches the head's draws
+    torch.testing.assert_close(p.text_to_images("a red circle", seeds=[5, 3], steps=2)[1:], a, rtol=0, atol=0)

@@ -65,7 +65,8 @@ class EmuImagePipeline:
     """Sampling with a `DecoderSystem`, and with a `Stage2System` that regresses its conditions.
 
     Both systems are put in eval mode. `guidance`, `steps` and `sampler` default to the decoder's recipe values
-    (`guidance_scale`, `sample_steps`, `sampler`); `seed` seeds the initial noise on the CPU.
+    (`guidance_scale`, `sample_steps`, `sampler`); `seed` seeds the initial noise on the CPU, and the draws of a
+    generator whose head samples its embeddings (`flow`, docs/generation_heads.md).
 
     Args:
         decoder: the trained visual decoder: its `DecoderSystem`, or an export folder's `ExportedDecoder`
@@ -90,13 +91,22 @@ class EmuImagePipeline:
                              "decoder's training run (its checkpoint holds the frozen encoder + adapter)")
         return d.condition(_pixels(images, d.encoder.img_size).to(d.device))
 
-    def prompt_conditions(self, docs: list[list[str | ImageLike]], null: str = "empty_prompt"
-                          ) -> tuple[Tensor, Tensor]:
+    def prompt_conditions(self, docs: list[list[str | ImageLike]], null: str = "empty_prompt",
+                          seed: int | None = None) -> tuple[Tensor, Tensor]:
         """Interleaved prompts → (B,N,D) regressed embeddings (KV-cached loop) and the (1,N,D) null embedding.
 
         `null`: `empty_prompt` (docs/design.md §4: the regressed embeddings of `""`) or `decoder` (its own null
-        embedding).
+        embedding). `seed`: the draws of a sampling head come from a generator seeded with it (the global one is
+        left as it was); None draws from the global generator.
         """
+        if seed is None:
+            return self._prompt_conditions(docs, null)
+        cuda = [self.decoder.device] if self.decoder.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            return self._prompt_conditions(docs, null)
+
+    def _prompt_conditions(self, docs: list[list[str | ImageLike]], null: str) -> tuple[Tensor, Tensor]:
         if self.generator is None:
             raise ValueError("generating from a prompt needs a stage-2 generator: EmuImagePipeline(decoder, generator)")
         if null not in NULLS:
@@ -131,13 +141,16 @@ class EmuImagePipeline:
     def text_to_image(self, prompts: list[str], guidance: float | None = None, steps: int | None = None,
                       sampler: str | None = None, seed: int = 0, null: str = "empty_prompt") -> Tensor:
         """Text prompts → (B,3,S,S) images in [0,1]."""
-        cond, uncond = self.prompt_conditions([[p] for p in prompts], null)
+        cond, uncond = self.prompt_conditions([[p] for p in prompts], null, seed)
         return self._decode(cond, uncond, guidance, steps, sampler, seed)
 
     def text_to_images(self, prompt: str, seeds: Sequence[int], guidance: float | None = None,
                        steps: int | None = None, sampler: str | None = None, null: str = "empty_prompt") -> Tensor:
         """One prompt → (len(seeds),3,S,S) images in [0,1], image j equal to `text_to_image([prompt], seed=seeds[j])`
-        (a benchmark's k images per prompt, each reproducible alone); the prompt is regressed once."""
+        (a benchmark's k images per prompt, each reproducible alone); the prompt is regressed once, or, by a head
+        that samples its embeddings, drawn once per seed."""
+        if getattr(self.generator.regression_head, "flow", None) is not None:
+            return torch.cat([self.text_to_image([prompt], guidance, steps, sampler, int(s), null) for s in seeds])
         cond, uncond = self.prompt_conditions([[prompt]], null)
         return torch.cat([self._decode(cond, uncond, guidance, steps, sampler, int(s)) for s in seeds])
 
@@ -150,7 +163,7 @@ class EmuImagePipeline:
         `[IMG]` is appended after each prompt. The release's blending (`{img1}{img2}[IMG]`, CFG 7.5) is
         `in_context([[img1, img2]], guidance=7.5)`.
         """
-        cond, uncond = self.prompt_conditions(docs, null)
+        cond, uncond = self.prompt_conditions(docs, null, seed)
         return self._decode(cond, uncond, guidance, steps, sampler, seed)
 
     def blend(self, image_a: ImageLike, image_b: ImageLike, alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
