@@ -3,7 +3,8 @@
 A head owns three things that must agree, so no system branches on the kind of head (docs/generation_heads.md):
 
 - what the LLM *reads* at the `<image>` rows of an image it is trained to generate (`read_inputs`);
-- which hidden positions *predict* those rows' targets, in the targets' order (`predicting`);
+- which hidden positions *predict* those rows' targets, in the targets' order (`predicting`), and with what loss
+  (`loss`);
 - the inference loop that produces them (`generate`).
 
 Every head maps the LLM width to the target width with one bias-free linear map `proj` (Emu1's
@@ -35,6 +36,9 @@ class VisualHead(Protocol):
     def predicting(self, rows: Tensor) -> Tensor: ...       # (B,T) regressed <image> rows -> (B,T) hidden positions
 
     def read_inputs(self, embeds: Tensor, rows: Tensor, training: bool) -> Tensor: ...   # (B,T,D_llm)
+
+    def loss(self, hidden: Tensor, target: Tensor, objective: str) -> tuple[dict[str, Tensor], Tensor]: ...
+    # (P,D_llm) predicting hidden states, (P,D_tgt) normalised targets → loss terms, (P,D_tgt) point estimates
 
     def generate(self, llm: CausalLM, feedback: Any, embeds: Tensor, mask: Tensor, num_tokens: int,
                  use_cache: bool = True) -> Tensor: ...      # prompt ending in [IMG] -> (B,N,D_tgt)
