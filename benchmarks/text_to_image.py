@@ -12,6 +12,11 @@ for each split (what the LLM puts there, whatever a decoder makes of it); `probe
 probe reading the generated embeddings (how far they sit from the true ones: a decoder trained only on true
 embeddings meets the same shift). Without `--decoder` only the embeddings are scored.
 
+For a head that samples its embeddings (`flow`), `draw_var` is the per-dimension variance of 8 draws for each of
+the first 32 captions, in the head's regression space (whitened when the head whitens), and `true_var` the
+variance of the true images' embeddings across the split in the same space: draws that spread far less than the
+data collapse toward the mean, as an ℓ2 head does.
+
     python benchmarks/scene_classifier.py --image-size 32                          # once: the frozen judge
     python benchmarks/text_to_image.py --arm queries-mse/s0/decoder-base \
         --stage2 <t2i run dir> --decoder <decoder_t2i run dir> [--n 256 --guidance 1.0 --steps 10]
@@ -101,6 +106,11 @@ def evaluate(stage2: str, decoder: str | None, n: int, guidance: float, steps: i
             trues.append(true)
         res = {f"gen_{k}": round(float(v), 4) for k, v in sim.compute().items()}
         res["sec_per_embedding"] = round(t_embed / n, 4)
+        if sampler is not None:   # how far a sampling head's draws spread, against the spread of the true tokens
+            head, few = generator.regression_head, captions[:min(n, 32)]
+            draws = torch.stack([head.normalize(generated(few)) for _ in range(8)])     # (8,b,N,D) regression space
+            res["draw_var"] = round(float(draws.var(0).mean()), 4)
+            res["true_var"] = round(float(head.normalize(torch.cat(trues)).var(0).mean()), 4)
         if dec is not None:
             images = torch.cat(images)
             sem = SemanticAccuracy(judge)
