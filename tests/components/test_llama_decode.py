@@ -180,7 +180,9 @@ def test_peft_lora_projections_run_as_modules(monkeypatch):
     calls = _count_steps(monkeypatch)
     lean, cached, reference = _three(lm, head, feedback, embeds, mask)
     assert len(calls) == 5
-    torch.testing.assert_close(lean, cached, atol=1e-6, rtol=1e-6)
+    # float32 summation order differs between the paths; with B ~ N(0, 0.5) the outputs are large enough that
+    # this reaches ~5e-6 on some thread counts, so both comparisons use the reference's tolerance
+    torch.testing.assert_close(lean, cached, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lean, reference, atol=1e-5, rtol=1e-5)
 
 
