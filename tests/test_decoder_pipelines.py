@@ -125,6 +125,8 @@ def test_mismatched_generator_and_decoder_raise(pipe):
         EmuImagePipeline(pipe.decoder, tiny_stage2(adapter="cformer"))   # Emu1 layout, also 4 × 64
     with pytest.raises(ValueError, match="needs a stage-2 generator"):
         EmuImagePipeline(pipe.decoder).text_to_image(["a red circle"])
+    with pytest.raises(ValueError, match="needs a stage-2 generator"):
+        EmuImagePipeline(pipe.decoder).text_to_images("a red circle", seeds=[0])
 
 
 def test_to_pil():

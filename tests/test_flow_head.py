@@ -100,6 +100,8 @@ def test_autoregressive_flow_feeds_back_samples():
     torch.manual_seed(0)
     b = system.generate_image_embeddings(_prompts()[:2], use_cache=False)    # the full-recompute loop, same draws
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.manual_seed(1)
+    assert not torch.allclose(system.generate_image_embeddings(_prompts()[:2]), a)   # other noise, other draws
 
 
 def test_flow_weights_round_trip_through_checkpoint_and_export(tmp_path):

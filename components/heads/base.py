@@ -15,6 +15,7 @@ exports.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -68,7 +69,7 @@ class ProjectionHead(nn.Module):
         self.proj = nn.Linear(in_dim, out_dim, bias=False)
         self.flow: FlowSampler | None = None
         if flow:
-            known = {"width", "depth", "steps", "temperature", "repeat"}
+            known = set(inspect.signature(FlowSampler).parameters) - {"dim", "cond_dim"}   # set by the head
             if set(flow) - known:
                 raise ValueError(f"regression_head flow: unknown keys {sorted(set(flow) - known)}; expected some of "
                                  f"{sorted(known)}")
