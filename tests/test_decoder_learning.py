@@ -36,3 +36,14 @@ def test_object_accuracy_ignores_empty_cells():
     y = torch.tensor([[0, EMPTY, 2, EMPTY, EMPTY, EMPTY, EMPTY, EMPTY, 5]])
     pred = torch.tensor([[0, 1, 3, 4, 4, 4, 4, 4, 5]])   # empty cells all wrong; objects 2 of 3 right
     assert object_accuracy(pred, y) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("flag", [["--flow-steps", "0"], ["--flow-temperature", "0"]])
+def test_text_to_image_refuses_flow_overrides_out_of_range(flag, monkeypatch, capsys):
+    """text_to_image.py sets the sampler's attributes directly, so it checks FlowSampler's ranges itself."""
+    from benchmarks import text_to_image
+
+    monkeypatch.setattr(sys, "argv", ["text_to_image.py", "--arm", "a", "--stage2", "s", "--decoder", "d", *flag])
+    with pytest.raises(SystemExit) as e:
+        text_to_image.main()
+    assert e.value.code == 2 and flag[0] in capsys.readouterr().err
