@@ -85,8 +85,11 @@ def test_decoder_tunes_on_generated_embeddings_of_a_t2i_run(chain, monkeypatch):
     t2i = {"trainer": {**_trainer(tmp, "t2i_for_decoder"), "max_steps": 1, "val_check_interval": 1,
                        "limit_val_batches": 0},
            "data": {"init_args": {"batch_size": 4, "num_workers": 0}}}
-    gen_run = Path(cli_main(["fit", "--config", str(DEBUG / "t2i.yaml"),
-                             "--config", _write(tmp / "g.yaml", t2i)]).trainer.log_dir)
+    gen_cli = cli_main(["fit", "--config", str(DEBUG / "t2i.yaml"), "--config", _write(tmp / "g.yaml", t2i)])
+    # The recipe's own head: the measured best arm, queries on whitened targets (estimated at fit start).
+    head = gen_cli.model.regression_head
+    assert type(head).__name__ == "QueryHead" and head.whiten and int(head.whiten_samples) > 0
+    gen_run = Path(gen_cli.trainer.log_dir)
     tuned = {"trainer": _trainer(tmp, "decoder_generated"),
              "model": {"init_args": {"sample_steps": 2, "semantic_classifier": str(judge),
                                      "init_from": str(decoder / "checkpoints" / "last.ckpt"),
