@@ -10,8 +10,12 @@ import torch
 
 # Under pytest-xdist each worker gets its share of the cores: N workers with torch's default thread count each
 # would oversubscribe the machine (tiny models gain nothing from intra-op threads anyway).
+# The processes a test starts (a CLI run, a chain stage, a crash-and-resume child) inherit the same share through
+# OMP_NUM_THREADS, or each would start with every core's worth of threads beside the other workers.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_share)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
 
 @pytest.fixture(autouse=True)
