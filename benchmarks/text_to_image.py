@@ -164,10 +164,14 @@ def main() -> None:
         return
     if not (a.arm and a.stage2 and (a.decoder or a.probe)):
         p.error("--arm, --stage2 and --decoder (or --probe without a decoder) are required (or --report)")
-    if a.flow_steps is not None and a.flow_steps < 1:
-        p.error(f"--flow-steps {a.flow_steps}: expected ≥ 1 Euler step (0 would return the starting noise)")
-    if a.flow_temperature is not None and a.flow_temperature <= 0:
-        p.error(f"--flow-temperature {a.flow_temperature}: expected > 0 (the scale of the starting noise)")
+    from components.heads.flow import FlowSampler
+
+    for flag, key, value in (("--flow-steps", "steps", a.flow_steps),
+                             ("--flow-temperature", "temperature", a.flow_temperature)):
+        try:   # the sampler's own ranges: evaluate() sets these attributes after construction
+            FlowSampler.check_sampling(**({key: value} if value is not None else {}))
+        except ValueError as e:
+            p.error(f"{flag} {value}: {e}")
     torch.set_num_threads(a.threads)
     start = time.time()
     flow = {k: v for k, v in (("temperature", a.flow_temperature), ("steps", a.flow_steps)) if v is not None}

@@ -65,11 +65,10 @@ class FlowSampler(nn.Module):
     def __init__(self, dim: int, cond_dim: int, width: int = 256, depth: int = 3, steps: int = 20,
                  temperature: float = 1.0, repeat: int = 4) -> None:
         super().__init__()
-        if depth < 1 or width < 1 or steps < 1 or repeat < 1:
-            raise ValueError(f"flow sampler needs depth, width, steps and repeat ≥ 1; got depth={depth}, "
-                             f"width={width}, steps={steps}, repeat={repeat}")
-        if temperature <= 0:
-            raise ValueError(f"flow sampler temperature must be > 0; got {temperature}")
+        if depth < 1 or width < 1 or repeat < 1:
+            raise ValueError(f"flow sampler needs depth, width and repeat ≥ 1; got depth={depth}, width={width}, "
+                             f"repeat={repeat}")
+        self.check_sampling(steps, temperature)
         self.dim, self.width, self.steps, self.temperature, self.repeat = dim, width, steps, temperature, repeat
         self.input = nn.Linear(dim, width)
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
@@ -81,6 +80,15 @@ class FlowSampler(nn.Module):
         for layer in (self.out_modulation[1], self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    @staticmethod
+    def check_sampling(steps: int = 1, temperature: float = 1.0) -> None:
+        """The sampling settings' ranges; also for code that sets `steps` / `temperature` after construction."""
+        if steps < 1:
+            raise ValueError(f"flow sampler steps must be ≥ 1 (0 would return the starting noise); got {steps}")
+        if temperature <= 0:
+            raise ValueError(f"flow sampler temperature must be > 0 (the scale of the starting noise); "
+                             f"got {temperature}")
 
     def velocity(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
         """(P,dim) noisy embeddings, (P,) times, (P,cond_dim) conditions → (P,dim) predicted velocity x − ε."""
