@@ -149,7 +149,8 @@ class EmuImagePipeline:
         """One prompt → (len(seeds),3,S,S) images in [0,1], image j equal to `text_to_image([prompt], seed=seeds[j])`
         (a benchmark's k images per prompt, each reproducible alone); the prompt is regressed once, or, by a head
         that samples its embeddings, drawn once per seed."""
-        if getattr(getattr(self.generator, "regression_head", None), "flow", None) is not None:
+        # a sampling head (`flow` is ProjectionHead's, not part of the VisualHead Protocol)
+        if self.generator is not None and getattr(self.generator.regression_head, "flow", None) is not None:
             return torch.cat([self.text_to_image([prompt], guidance, steps, sampler, int(s), null) for s in seeds])
         cond, uncond = self.prompt_conditions([[prompt]], null)
         return torch.cat([self._decode(cond, uncond, guidance, steps, sampler, int(s)) for s in seeds])
