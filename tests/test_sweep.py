@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import inspect
 import json
 import subprocess
 import sys
@@ -251,6 +252,20 @@ def test_sigterm_stops_the_sweep_and_its_run_which_is_resumed_next_time(tmp_path
     assert subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.startswith("todo  warmup=0.0")
 
 
+def _assert_as_written(got, spec: dict, run: str) -> None:
+    """A component an arm names is built as written: each argument it states, and the class default for each it
+    leaves out. jsonargparse carries a replaced component's init_args over where the names fit, so a base recipe's
+    head with `whiten: true` would otherwise reach an arm whose head leaves `whiten` out."""
+    module, name = spec["class_path"].rsplit(".", 1)
+    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    stated = spec.get("init_args") or {}
+    for arg, param in params.items():
+        if arg in stated or param.default is not inspect.Parameter.empty:
+            value = got.init_args.get(arg)
+            value = value.as_dict() if hasattr(value, "as_dict") else value
+            assert value == stated.get(arg, param.default), (run, arg, value, stated.get(arg, param.default))
+
+
 @pytest.mark.parametrize("sweep_file", sorted((ROOT / "recipes" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_builtin_sweeps_instantiate_every_configuration(sweep_file, tmp_path):
     """Each built-in ablation's runs parse and build through the real CLI with the run's overlay: every varied
@@ -271,11 +286,12 @@ def test_builtin_sweeps_instantiate_every_configuration(sweep_file, tmp_path):
             if isinstance(value, str) and value.endswith(".yaml"):          # a fragment: its class is built
                 fragment = yaml.safe_load((sweep_file.parent / value).read_text())
                 assert got.class_path == fragment["class_path"]
+                _assert_as_written(got, fragment, run.name)
                 part = getattr(cli.model, key.rsplit(".", 1)[-1])              # the part the key names
                 assert type(part).__name__ == fragment["class_path"].rsplit(".", 1)[-1]
             elif isinstance(value, dict) and "class_path" in value:              # an inline component
                 assert got.class_path == value["class_path"]
-                assert {k: got.init_args[k] for k in value.get("init_args", {})} == value.get("init_args", {})
+                _assert_as_written(got, value, run.name)
                 part = getattr(cli.model, key.rsplit(".", 1)[-1])
                 assert type(part).__name__ == value["class_path"].rsplit(".", 1)[-1]
             else:

@@ -91,6 +91,11 @@ def test_decoder_tunes_on_generated_embeddings_of_a_t2i_run(chain, monkeypatch):
            "data": {"init_args": {"batch_size": 4, "num_workers": 0}}}
     gen_cli = cli_main(["fit", "--config", str(DEBUG / "t2i.yaml"), "--config", _write(tmp / "g.yaml", t2i)])
     gen_run = Path(gen_cli.trainer.log_dir)
+    # The recipe is the best measured setting (benchmarks/RESULTS.md): queries on whitened targets, ℓ2, whose
+    # statistics the decoder's generator reads back from the checkpoint.
+    head = gen_cli.model.regression_head
+    assert type(head).__name__ == "QueryHead" and head.whiten and head.flow is None
+    assert gen_cli.model.objective == "mse" and int(head.whiten_samples) > 0   # estimated at fit start
     tuned = {"trainer": _trainer(tmp, "decoder_generated"),
              "model": {"init_args": {"sample_steps": 2, "semantic_classifier": str(judge),
                                      "init_from": str(decoder / "checkpoints" / "last.ckpt"),
