@@ -24,25 +24,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.encoders.eva import EVAEncoder
+from decoder_learning import object_accuracy
 from emu_lightning.data.modules.captions import image_transform
 from emu_lightning.data.synthetic.scenes import render, sample_scene
-from emu_lightning.data.synthetic.text import POSITIONS, SHAPES
+from emu_lightning.data.synthetic.text import POSITIONS
+from emu_lightning.metrics.semantic import EMPTY, scene_targets
 from results_io import merge_result, run_facts
-
-EMPTY = len(SHAPES)
 
 
 def batch(split: str, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n scenes from `start`: pixels (n,3,64,64) CLIP-normalised, targets (n,9) shape index per cell or EMPTY."""
-    transform, xs, ys = image_transform(64), [], []
-    for i in range(start, start + n):
-        scene = sample_scene(split, i)
-        xs.append(transform(render(scene)))
-        y = [EMPTY] * len(POSITIONS)
-        for o in scene.objects:
-            y[POSITIONS.index(o.position)] = SHAPES.index(o.shape)
-        ys.append(y)
-    return torch.stack(xs), torch.tensor(ys)
+    transform = image_transform(64)
+    scenes = [sample_scene(split, i) for i in range(start, start + n)]
+    return torch.stack([transform(render(scene)) for scene in scenes]), scene_targets(scenes)[0]
 
 
 def run(stem: str, grid: int, steps: int, every: int, batch_size: int = 32) -> dict[int, float]:
@@ -66,8 +60,7 @@ def run(stem: str, grid: int, steps: int, every: int, batch_size: int = 32) -> d
         if step % every == 0:
             with torch.no_grad():
                 pred = head(features(vx)).view(len(vx), len(POSITIONS), EMPTY + 1).argmax(-1)
-            objects = vy != EMPTY
-            curve[step] = round((pred[objects] == vy[objects]).float().mean().item(), 3)
+            curve[step] = round(object_accuracy(pred, vy), 3)
             print(f"{stem} grid {grid} step {step}: shape {curve[step]:.3f} ({time.time() - start:.0f} s)", flush=True)
     return curve
 
