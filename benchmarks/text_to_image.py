@@ -166,15 +166,14 @@ def main() -> None:
         p.error("--arm, --stage2 and --decoder (or --probe without a decoder) are required (or --report)")
     from components.heads.flow import FlowSampler
 
-    for flag, key, value in (("--flow-steps", "steps", a.flow_steps),
-                             ("--flow-temperature", "temperature", a.flow_temperature)):
+    flow = {k: v for k, v in (("steps", a.flow_steps), ("temperature", a.flow_temperature)) if v is not None}
+    for key, value in flow.items():
         try:   # the sampler's own ranges: evaluate() sets these attributes after construction
-            FlowSampler.check_sampling(**({key: value} if value is not None else {}))
+            FlowSampler.check_sampling(**{key: value})
         except ValueError as e:
-            p.error(f"{flag} {value}: {e}")
+            p.error(f"--flow-{key} {value}: {e}")
     torch.set_num_threads(a.threads)
     start = time.time()
-    flow = {k: v for k, v in (("temperature", a.flow_temperature), ("steps", a.flow_steps)) if v is not None}
     res, grids = evaluate(a.stage2, a.decoder, a.n, a.guidance, a.steps, probe_train=a.probe, seed=a.seed, flow=flow)
     res["meta"]["wall_s"] = round(time.time() - start, 1)
     merge_result(NAME, a.arm, res)   # arms evaluated in parallel merge one at a time
