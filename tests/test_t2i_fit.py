@@ -86,11 +86,18 @@ def test_t2i_fit_with_each_head_logs_judged_text_to_image(chain, head, monkeypat
 def test_decoder_tunes_on_generated_embeddings_of_a_t2i_run(chain, monkeypatch):
     tmp, judge, decoder = chain
     monkeypatch.chdir(tmp)
+    # The generator also trains through the frozen decoder (`decoder_loss`), as the README's command can.
     t2i = {"trainer": {**_trainer(tmp, "t2i_for_decoder"), "max_steps": 1, "val_check_interval": 1,
                        "limit_val_batches": 0},
+           "model": {"init_args": {"decoder_loss": str(decoder), "decoder_weight": 0.5}},
            "data": {"init_args": {"batch_size": 4, "num_workers": 0}}}
     gen_cli = cli_main(["fit", "--config", str(DEBUG / "t2i.yaml"), "--config", _write(tmp / "g.yaml", t2i)])
     gen_run = Path(gen_cli.trainer.log_dir)
+    metrics = gen_cli.trainer.callback_metrics
+    assert float(metrics["train/decoder_loss"]) > 0 and torch.isfinite(metrics["train/loss"])
+    state = torch.load(gen_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert {k.split(".")[0] for k in state} <= {"encoder", "adapter", "llm", "regression_head"}   # no decoder
+    _check_loss_through_decoder(gen_cli.model, next(iter(gen_cli.datamodule.train_dataloader())), monkeypatch)
     # The recipe is the best measured setting (benchmarks/RESULTS.md): queries on whitened targets, ℓ2, whose
     # statistics the decoder's generator reads back from the checkpoint.
     head = gen_cli.model.regression_head
@@ -114,6 +121,53 @@ def test_decoder_tunes_on_generated_embeddings_of_a_t2i_run(chain, monkeypatch):
     monkeypatch.chdir(tmp.parent)
     loaded = load_decoder(str(cli.trainer.log_dir))
     assert not loaded._generator and loaded.generated_p == 0.0
+
+
+def test_decoder_loss_refuses_an_export_folder_before_reading_data(chain, monkeypatch):
+    from emu_lightning.checkpoints.decoder_export import export_decoder
+    from emu_lightning.inference.infer import load_decoder
+
+    tmp, _, decoder = chain
+    monkeypatch.chdir(tmp)
+    folder = export_decoder(load_decoder(decoder), tmp / "decoder_export", overwrite=True)
+    cfg = {"trainer": _trainer(tmp, "t2i_refused"), "model": {"init_args": {"decoder_loss": str(folder)}}}
+    with pytest.raises(ValueError, match="decoder_loss=.*is a decoder export; the loss needs a decoder run"):
+        cli_main(["fit", "--config", str(DEBUG / "t2i.yaml"), "--config", _write(tmp / "refused.yaml", cfg)])
+
+
+def _check_loss_through_decoder(model, batch, monkeypatch):
+    """The decoder loss conditions the frozen decoder on each regressed image's own predictions, paired with that
+    image, and trains the generator (head and LLM) but not the decoder."""
+    from components.multimodal import image_run_index
+
+    decoder = model._decoder_loss[0]
+    seen = {}
+    real = type(decoder).diffusion_loss
+
+    def spy(self, pixels, cond, cond_drop=0.0, denoiser=None):
+        seen.update(pixels=pixels, cond=cond, cond_drop=cond_drop)
+        return real(self, pixels, cond, cond_drop, denoiser)
+
+    monkeypatch.setattr(type(decoder), "diffusion_loss", spy)
+    model.train()
+    out, _ = model._forward(batch)
+    ids, regress = batch["input_ids"], batch["regress_images"]
+    # The queries head regresses every regressed image that does not open its document (caption → image docs).
+    run = image_run_index(ids, model.ids.visual)
+    opens = {int(r[2]) for r, row in zip(run, ids) if int(row[1]) == model.ids.img}
+    want = [j for j in range(len(regress)) if regress[j] and j not in opens]
+    assert want, "the batch holds no caption → image document"
+    assert torch.equal(seen["pixels"], batch["pixel_values"][want]) and seen["cond_drop"] == 0.0
+    assert seen["cond"].shape == (len(want), model.num_image_tokens, model.regression_head.out_dim)
+    assert seen["cond"].requires_grad
+    out["decoder_loss"].backward()
+    assert model.regression_head.proj.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.llm.parameters())
+    assert all(p.grad is None for p in decoder.parameters())
+    # It is training-only: evaluation computes no decoder loss (and draws no noise for one).
+    model.eval()
+    with torch.no_grad():
+        assert "decoder_loss" not in model._forward(batch)[0]
 
 
 @pytest.mark.parametrize("recipe", ["emu1/stage2.yaml", "emu2/stage2.yaml", "emu2/gen.yaml", "debug/stage2_meanpool.yaml",

@@ -236,39 +236,47 @@ class DecoderSystem(PartsSystem):
     def losses(self, batch: dict) -> dict[str, Tensor]:
         pixels = batch["pixel_values"]
         B = len(pixels)
-        # 1. encode: image → frozen condition; target image → diffusion space (VAE latents × scale, or pixels)
-        cond = self.condition(pixels)                                        # (B,N,D)
-        if self.generated_p > 0:   # 1b. a share of conditions: the generator's embeddings of a caption instead
+        cond = self.condition(pixels)                                        # (B,N,D) frozen encoder + adapter
+        if self.generated_p > 0:   # a share of conditions: the generator's embeddings of a caption instead
             use = torch.rand(B, device=cond.device) < self.generated_p
             if use.any():
                 captions = [c for c, u in zip(batch["captions"], use.tolist()) if u]
                 cond = cond.clone()
                 cond[use] = self.generate_conditions(
                     [c[int(torch.randint(len(c), ()))] for c in captions]).to(cond)
+        loss, drop = self.diffusion_loss(pixels, cond, self.cond_drop)
+        return {"diffusion_loss": loss, "loss": loss, "cond_drop_frac": drop.float().mean()}
+
+    def diffusion_loss(self, pixels: Tensor, cond: Tensor, cond_drop: float = 0.0,
+                       denoiser: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """The denoising loss of drawing (B,3,H,W) CLIP-normalised images from (B,N,D_cond) conditions, and the
+        (B,) mask of conditions dropped to the null embedding (with probability `cond_drop`). Gradients flow into
+        `cond`: a stage-2 model can train its generated embeddings through a frozen decoder (`Stage2System`'s
+        `decoder_loss`). `denoiser` defaults to the UNet being trained."""
+        B = len(pixels)
         z = self.space.encode(self.target_images(pixels))                    # (B,C,h,w)
-        # 2. condition drop: with p = cond_drop the null embedding replaces the condition (CFG training)
-        drop = torch.rand(B, device=z.device) < self.cond_drop
-        cond = torch.where(drop[:, None, None], self.null_embedding(cond).to(cond.dtype), cond)
-        # 3. noise (+ offset noise, constant per channel), 4. timestep, 5. forward diffusion
+        # condition drop: with p = cond_drop the null embedding replaces the condition (CFG training)
+        drop = torch.rand(B, device=z.device) < cond_drop
+        if drop.any():
+            cond = torch.where(drop[:, None, None], self.null_embedding(cond).to(cond.dtype), cond)
+        # noise (+ offset noise, constant per channel), timestep, forward diffusion
         noise = torch.randn_like(z)
         if self.noise_offset:
             noise = noise + self.noise_offset * torch.randn(B, z.shape[1], 1, 1, device=z.device, dtype=z.dtype)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (B,), device=z.device)
         z_t = self.noise_scheduler.add_noise(z, noise, t)
-        # 6. target by prediction type, MSE
+        # target by prediction type, MSE (Min-SNR-γ weighted when set)
         if self.prediction_type == "epsilon":
             target = noise
         elif self.prediction_type == "sample":
             target = z
         else:
             target = self.noise_scheduler.get_velocity(z, noise, t)
-        pred = self.unet(z_t, t, cond)
+        pred = (denoiser or self.unet)(z_t, t, cond)
         if self.snr_gamma is None:
-            loss = F.mse_loss(pred.float(), target.float())
-        else:
-            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
-            loss = (per_sample * self.min_snr_weights(t)).mean()
-        return {"diffusion_loss": loss, "loss": loss, "cond_drop_frac": drop.float().mean()}
+            return F.mse_loss(pred.float(), target.float()), drop
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+        return (per_sample * self.min_snr_weights(t)).mean(), drop
 
     def min_snr_weights(self, t: Tensor) -> Tensor:
         """Per-sample Min-SNR-γ weights (Hang et al. 2023) for timesteps `t`, by prediction type."""

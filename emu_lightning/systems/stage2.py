@@ -65,6 +65,13 @@ class Stage2System(MultimodalEval, EmuSystem):
             Frozen and kept out of this system's checkpoint; checked against the head at start-up.
         eval_judge: the frozen scene classifier (safetensors, `benchmarks/scene_classifier.py`) that judges them.
         eval_guidance, eval_sample_steps: sampling of those images (None = the decoder's recipe values).
+        decoder_loss: a trained visual decoder run (directory or checkpoint) through which the generated embeddings
+            also train: each regressed image's predictions condition the frozen decoder, whose denoising loss
+            on the true image (its own schedule and weighting, no condition drop) is added with weight
+            `decoder_weight`, so the LLM learns to put what the decoder reads where it reads it (the diffusion
+            loss MetaQuery and BLIP3-o train their queries with; docs/generation_heads.md). Frozen and kept out
+            of this system's checkpoint; checked against the head at start-up.
+        decoder_weight: weight of that loss.
     """
 
     def __init__(self, *args: Any, regression_head: ProjectionHead, target_space: str = "pooled",
@@ -74,7 +81,8 @@ class Stage2System(MultimodalEval, EmuSystem):
                  video_shots: list[int] = (0, 2), selection: list[str] = ("random", "rices"),
                  max_new_tokens: int = 48, answer_max_new_tokens: int = 10, num_beams: int = 1,
                  eval_decoder: str | None = None, eval_judge: str | None = None, eval_guidance: float | None = None,
-                 eval_sample_steps: int | None = None, **kwargs: Any):
+                 eval_sample_steps: int | None = None, decoder_loss: str | None = None,
+                 decoder_weight: float = 1.0, **kwargs: Any):
         super().__init__(*args, extra_parts={"regression_head": regression_head}, **kwargs)
         if "encoder" in self.policy.trainable:
             raise ValueError("stage 2 trains with the encoder frozen (docs/design.md §3): remove 'encoder' from "
@@ -118,6 +126,20 @@ class Stage2System(MultimodalEval, EmuSystem):
             decoder = load_decoder(eval_decoder).eval().requires_grad_(False)
             check_pairing(self, decoder.unet, decoder.condition_kind, f"this model ({type(regression_head).__name__})")
             self._eval_generation = [decoder, load_scene_classifier(eval_judge).eval().requires_grad_(False)]
+        if decoder_weight <= 0:
+            raise ValueError(f"decoder_weight={decoder_weight}; expected a positive weight")
+        self.decoder_weight = decoder_weight
+        self._decoder_loss: list = []             # [frozen decoder]: in a list, so it never becomes a submodule
+        if decoder_loss:   # loaded now: a decoder that does not fit stops the run before any data is read
+            from emu_lightning.inference.infer import load_decoder
+            from emu_lightning.systems.decoder import DecoderSystem, check_pairing
+
+            decoder = load_decoder(decoder_loss).eval().requires_grad_(False)
+            if not isinstance(decoder, DecoderSystem):
+                raise ValueError(f"decoder_loss={decoder_loss!r} is a decoder export; the loss needs a decoder run "
+                                 f"(directory or .ckpt), which holds the training noise schedule and weighting")
+            check_pairing(self, decoder.unet, decoder.condition_kind, f"this model ({type(regression_head).__name__})")
+            self._decoder_loss = [decoder]
 
     def feedback(self, pred: Tensor) -> Tensor:
         """A regressed embedding → the next input embedding (Emu1: itself; Emu2: project_up(project_down(h)))."""
@@ -160,8 +182,23 @@ class Stage2System(MultimodalEval, EmuSystem):
         reg, pred = head.loss(hidden[pos], norm_target, self.objective)
         text = ce[is_text].mean() if is_text.any() else ce.sum() * 0.0
         out = {"text_loss": text, **reg, "loss": self.text_weight * text + self.regression_weight * reg["regression_loss"]}
+        if self._decoder_loss and self.training and torch.is_grad_enabled() and len(pred):   # not in no-grad passes
+            out["decoder_loss"] = self.loss_through_decoder(ids, rows, head.denormalize(pred), pixels)
+            out["loss"] = out["loss"] + self.decoder_weight * out["decoder_loss"]
         out.update(self.collapse_readings(head.denormalize(pred.detach()), target))
         return out, (ce, is_text, pos, pred, norm_target)
+
+    def loss_through_decoder(self, ids: Tensor, rows: Tensor, pred: Tensor, pixels: Tensor) -> Tensor:
+        """The frozen `decoder_loss` decoder's denoising loss of each regressed image, conditioned on its (P,D_tgt)
+        predictions (target space, in `rows` order); gradients reach the predictions, not the decoder."""
+        decoder = self._decoder_loss[0].to(self.device)
+        image = image_run_index(ids, self.ids.visual)[rows]           # (P,) image of each row; -1: Emu1's [/IMG]
+        keep = image >= 0
+        N = self.num_image_tokens
+        cond = pred[keep].reshape(-1, N, pred.shape[-1])              # (n,N,D): rows of one image are consecutive
+        which = image[keep].reshape(-1, N)[:, 0]                      # (n,) the images they regress
+        loss, _ = decoder.diffusion_loss(pixels[which], cond.to(pixels.dtype), denoiser=decoder.denoiser())
+        return loss
 
     @staticmethod
     def collapse_readings(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
