@@ -174,6 +174,40 @@ def test_min_snr_weighting_scales_each_sample_by_its_timestep(prediction_type, m
     assert abs((offsets.double() ** 2).mean().item() - loss.item()) > 0.1
 
 
+
+def test_diffusion_loss_t_range_draws_only_there_and_weights_equally(monkeypatch):
+    """`diffusion_loss(t_range=(lo, hi))` (Stage2System's `decoder_t_range`): timesteps come from that share of the
+    schedule only, and each sample counts equally even when the decoder trains with Min-SNR weighting."""
+    system = tiny_decoder(cond_drop=0.0, snr_gamma=5.0, noise_schedule={"prediction_type": "v_prediction"})
+    x = pixels(64)
+    steps = system.noise_scheduler.config.num_train_timesteps
+    seen = {}
+
+    def off_by(z_t, t, cond, time_ids=None):   # off its target by a constant c per sample: loss = mean(c²)
+        seen["t"] = t
+        return torch.zeros_like(z_t)
+
+    monkeypatch.setattr(system.unet, "forward", off_by)
+    cond = system.condition(x)
+    system.diffusion_loss(x, cond)
+    assert int(seen["t"].min()) < steps // 2   # the whole schedule (64 draws)
+    ranged, _ = system.diffusion_loss(x, cond, t_range=(0.5, 1.0))
+    t = seen["t"]
+    assert int(t.min()) >= round(0.5 * (steps - 1)) and int(t.max()) <= steps - 1
+    # Unweighted: the plain mean squared error against the target of the drawn timesteps.
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: t)
+    z = system.target_images(x)
+    torch.manual_seed(0)
+    ranged, _ = system.diffusion_loss(x, cond, t_range=(0.5, 1.0))
+    torch.manual_seed(0)
+    torch.rand(len(x))                          # the condition-drop draw comes first
+    noise = torch.randn_like(z)
+    target = system.noise_scheduler.get_velocity(z, noise, t)
+    assert ranged.item() == pytest.approx(target.pow(2).mean().item(), rel=1e-5)
+    # (the Min-SNR weights of v-prediction are SNR / (SNR + 1) here: far below 1 at these noise levels)
+    assert (target.pow(2).flatten(1).mean(1) * system.min_snr_weights(t)).mean().item() < 0.5 * ranged.item()
+
+
 def test_min_snr_gamma_must_be_positive():
     with pytest.raises(ValueError, match="snr_gamma=0"):
         tiny_decoder(snr_gamma=0)

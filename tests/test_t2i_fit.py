@@ -89,7 +89,8 @@ def test_decoder_tunes_on_generated_embeddings_of_a_t2i_run(chain, monkeypatch):
     # The generator also trains through the frozen decoder (`decoder_loss`), as the README's command can.
     t2i = {"trainer": {**_trainer(tmp, "t2i_for_decoder"), "max_steps": 1, "val_check_interval": 1,
                        "limit_val_batches": 0},
-           "model": {"init_args": {"decoder_loss": str(decoder), "decoder_weight": 0.5}},
+           "model": {"init_args": {"decoder_loss": str(decoder), "decoder_weight": 0.5,
+                                   "decoder_t_range": [0.5, 1.0]}},
            "data": {"init_args": {"batch_size": 4, "num_workers": 0}}}
     gen_cli = cli_main(["fit", "--config", str(DEBUG / "t2i.yaml"), "--config", _write(tmp / "g.yaml", t2i)])
     gen_run = Path(gen_cli.trainer.log_dir)
@@ -144,9 +145,9 @@ def _check_loss_through_decoder(model, batch, monkeypatch):
     seen = {}
     real = type(decoder).diffusion_loss
 
-    def spy(self, pixels, cond, cond_drop=0.0, denoiser=None):
-        seen.update(pixels=pixels, cond=cond, cond_drop=cond_drop)
-        return real(self, pixels, cond, cond_drop, denoiser)
+    def spy(self, pixels, cond, cond_drop=0.0, denoiser=None, t_range=None):
+        seen.update(pixels=pixels, cond=cond, cond_drop=cond_drop, t_range=t_range)
+        return real(self, pixels, cond, cond_drop, denoiser, t_range)
 
     monkeypatch.setattr(type(decoder), "diffusion_loss", spy)
     model.train()
@@ -158,6 +159,7 @@ def _check_loss_through_decoder(model, batch, monkeypatch):
     want = [j for j in range(len(regress)) if regress[j] and j not in opens]
     assert want, "the batch holds no caption → image document"
     assert torch.equal(seen["pixels"], batch["pixel_values"][want]) and seen["cond_drop"] == 0.0
+    assert seen["t_range"] == (0.5, 1.0)
     assert seen["cond"].shape == (len(want), model.num_image_tokens, model.regression_head.out_dim)
     assert seen["cond"].requires_grad
     out["decoder_loss"].backward()

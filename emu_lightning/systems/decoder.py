@@ -248,11 +248,14 @@ class DecoderSystem(PartsSystem):
         return {"diffusion_loss": loss, "loss": loss, "cond_drop_frac": drop.float().mean()}
 
     def diffusion_loss(self, pixels: Tensor, cond: Tensor, cond_drop: float = 0.0,
-                       denoiser: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+                       denoiser: nn.Module | None = None,
+                       t_range: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
         """The denoising loss of drawing (B,3,H,W) CLIP-normalised images from (B,N,D_cond) conditions, and the
         (B,) mask of conditions dropped to the null embedding (with probability `cond_drop`). Gradients flow into
         `cond`: a stage-2 model can train its generated embeddings through a frozen decoder (`Stage2System`'s
-        `decoder_loss`). `denoiser` defaults to the UNet being trained."""
+        `decoder_loss`). `denoiser` defaults to the UNet being trained. `t_range` = (lo, hi), fractions of the
+        schedule (0 clean, 1 pure noise): timesteps are drawn from that range only and weighted equally (no
+        Min-SNR weighting); None draws from the whole schedule with the decoder's own weighting."""
         B = len(pixels)
         z = self.space.encode(self.target_images(pixels))                    # (B,C,h,w)
         # condition drop: with p = cond_drop the null embedding replaces the condition (CFG training)
@@ -263,7 +266,9 @@ class DecoderSystem(PartsSystem):
         noise = torch.randn_like(z)
         if self.noise_offset:
             noise = noise + self.noise_offset * torch.randn(B, z.shape[1], 1, 1, device=z.device, dtype=z.dtype)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (B,), device=z.device)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        lo, hi = (0, steps) if t_range is None else (round(t_range[0] * (steps - 1)), round(t_range[1] * (steps - 1)) + 1)
+        t = torch.randint(lo, hi, (B,), device=z.device)
         z_t = self.noise_scheduler.add_noise(z, noise, t)
         # target by prediction type, MSE (Min-SNR-γ weighted when set)
         if self.prediction_type == "epsilon":
@@ -273,7 +278,7 @@ class DecoderSystem(PartsSystem):
         else:
             target = self.noise_scheduler.get_velocity(z, noise, t)
         pred = (denoiser or self.unet)(z_t, t, cond)
-        if self.snr_gamma is None:
+        if self.snr_gamma is None or t_range is not None:
             return F.mse_loss(pred.float(), target.float()), drop
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         return (per_sample * self.min_snr_weights(t)).mean(), drop

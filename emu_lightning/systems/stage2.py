@@ -72,6 +72,10 @@ class Stage2System(MultimodalEval, EmuSystem):
             loss MetaQuery and BLIP3-o train their queries with; docs/generation_heads.md). Frozen and kept out
             of this system's checkpoint; checked against the head at start-up.
         decoder_weight: weight of that loss.
+        decoder_t_range: [lo, hi] fractions of the decoder's noise schedule (0 clean, 1 pure noise) to draw that
+            loss's timesteps from, weighted equally; None (the default) draws from the whole schedule with the
+            decoder's own weighting. The noisy steps are where a sampler commits to layout and shape, and Min-SNR
+            weighting all but ignores them (docs/generation_heads.md).
     """
 
     def __init__(self, *args: Any, regression_head: ProjectionHead, target_space: str = "pooled",
@@ -82,7 +86,7 @@ class Stage2System(MultimodalEval, EmuSystem):
                  max_new_tokens: int = 48, answer_max_new_tokens: int = 10, num_beams: int = 1,
                  eval_decoder: str | None = None, eval_judge: str | None = None, eval_guidance: float | None = None,
                  eval_sample_steps: int | None = None, decoder_loss: str | None = None,
-                 decoder_weight: float = 1.0, **kwargs: Any):
+                 decoder_weight: float = 1.0, decoder_t_range: list[float] | None = None, **kwargs: Any):
         super().__init__(*args, extra_parts={"regression_head": regression_head}, **kwargs)
         if "encoder" in self.policy.trainable:
             raise ValueError("stage 2 trains with the encoder frozen (docs/design.md §3): remove 'encoder' from "
@@ -129,6 +133,9 @@ class Stage2System(MultimodalEval, EmuSystem):
         if decoder_weight <= 0:
             raise ValueError(f"decoder_weight={decoder_weight}; expected a positive weight")
         self.decoder_weight = decoder_weight
+        if decoder_t_range is not None and not (len(decoder_t_range) == 2 and 0 <= decoder_t_range[0] <= decoder_t_range[1] <= 1):
+            raise ValueError(f"decoder_t_range={decoder_t_range}; expected [lo, hi] with 0 <= lo <= hi <= 1")
+        self.decoder_t_range = tuple(decoder_t_range) if decoder_t_range is not None else None
         self._decoder_loss: list = []             # [frozen decoder]: in a list, so it never becomes a submodule
         if decoder_loss:   # loaded now: a decoder that does not fit stops the run before any data is read
             from emu_lightning.inference.infer import load_decoder
@@ -197,7 +204,8 @@ class Stage2System(MultimodalEval, EmuSystem):
         N = self.num_image_tokens
         cond = pred[keep].reshape(-1, N, pred.shape[-1])              # (n,N,D): rows of one image are consecutive
         which = image[keep].reshape(-1, N)[:, 0]                      # (n,) the images they regress
-        loss, _ = decoder.diffusion_loss(pixels[which], cond.to(pixels.dtype), denoiser=decoder.denoiser())
+        loss, _ = decoder.diffusion_loss(pixels[which], cond.to(pixels.dtype), denoiser=decoder.denoiser(),
+                                         t_range=self.decoder_t_range)
         return loss
 
     @staticmethod
