@@ -99,6 +99,9 @@ def test_decoder_tunes_on_generated_embeddings_of_a_t2i_run(chain, monkeypatch):
     state = torch.load(gen_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert {k.split(".")[0] for k in state} <= {"encoder", "adapter", "llm", "regression_head"}   # no decoder
     _check_loss_through_decoder(gen_cli.model, next(iter(gen_cli.datamodule.train_dataloader())), monkeypatch)
+    from emu_lightning.inference.infer import load_model
+
+    assert not load_model(str(gen_run))._decoder_loss   # a training-only input: inference does not load it
     # The recipe is the best measured setting (benchmarks/RESULTS.md): queries on whitened targets, ℓ2, whose
     # statistics the decoder's generator reads back from the checkpoint.
     head = gen_cli.model.regression_head

@@ -185,8 +185,9 @@ def load_system(run_dir_or_config: str | Path, ckpt: str | Path | None = None,
     `run=False` the CLI has no subcommand and rejects those keys, so only `model` is kept, parsed by the same
     `cli_main(..., run=False)` (every `class_path` and link as in training) next to an inert CPU trainer.
     `init_from` is cleared: its hand-off only runs in `setup()`, and the checkpoint holds every weight anyway. So
-    are the other runs a training run only reads (a decoder's `generator`, a stage-2 model's `eval_decoder` and
-    `eval_judge`): the trained system needs none of them, and their relative paths may not resolve from here.
+    are the other runs a training run only reads (a decoder's `generator`, a stage-2 model's `eval_decoder`,
+    `eval_judge` and `decoder_loss`): the trained system needs none of them, and their relative paths may not
+    resolve from here.
 
     Args:
         run_dir_or_config: a run directory (`config.yaml`, `checkpoints/last.ckpt`) or its config.yaml.
@@ -208,7 +209,8 @@ def load_system(run_dir_or_config: str | Path, ckpt: str | Path | None = None,
     if "model" not in saved:
         raise ValueError(f"{config_path} has no 'model' section; top-level keys are {sorted(saved)}")
     model = saved["model"]
-    cleared = {"init_from": None, "generator": None, "generated_p": 0.0, "eval_decoder": None, "eval_judge": None}
+    cleared = {"init_from": None, "generator": None, "generated_p": 0.0, "eval_decoder": None, "eval_judge": None,
+               "decoder_loss": None}
     for key, value in cleared.items():
         if key in model.get("init_args", {}):
             model["init_args"][key] = value
