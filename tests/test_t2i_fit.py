@@ -127,7 +127,7 @@ def test_decoder_tunes_on_generated_embeddings_of_a_t2i_run(chain, monkeypatch):
     assert not loaded._generator and loaded.generated_p == 0.0
 
 
-def test_decoder_loss_refuses_an_export_folder_before_reading_data(chain, monkeypatch):
+def test_decoder_loss_refuses_an_export_folder_or_a_bad_range_before_reading_data(chain, monkeypatch):
     from emu_lightning.checkpoints.decoder_export import export_decoder
     from emu_lightning.inference.infer import load_decoder
 
@@ -136,6 +136,9 @@ def test_decoder_loss_refuses_an_export_folder_before_reading_data(chain, monkey
     folder = export_decoder(load_decoder(decoder), tmp / "decoder_export", overwrite=True)
     cfg = {"trainer": _trainer(tmp, "t2i_refused"), "model": {"init_args": {"decoder_loss": str(folder)}}}
     with pytest.raises(ValueError, match="decoder_loss=.*is a decoder export; the loss needs a decoder run"):
+        cli_main(["fit", "--config", str(DEBUG / "t2i.yaml"), "--config", _write(tmp / "refused.yaml", cfg)])
+    cfg["model"]["init_args"].update(decoder_loss=str(decoder), decoder_t_range=[0.8, 0.2])
+    with pytest.raises(ValueError, match=r"decoder_t_range=\[0.8, 0.2\]; expected \[lo, hi\] with 0 <= lo <= hi <= 1"):
         cli_main(["fit", "--config", str(DEBUG / "t2i.yaml"), "--config", _write(tmp / "refused.yaml", cfg)])
 
 

@@ -260,14 +260,15 @@ class DecoderSystem(PartsSystem):
         z = self.space.encode(self.target_images(pixels))                    # (B,C,h,w)
         # condition drop: with p = cond_drop the null embedding replaces the condition (CFG training)
         drop = torch.rand(B, device=z.device) < cond_drop
-        if drop.any():
+        if cond_drop > 0:   # (a float test: no device sync)
             cond = torch.where(drop[:, None, None], self.null_embedding(cond).to(cond.dtype), cond)
         # noise (+ offset noise, constant per channel), timestep, forward diffusion
         noise = torch.randn_like(z)
         if self.noise_offset:
             noise = noise + self.noise_offset * torch.randn(B, z.shape[1], 1, 1, device=z.device, dtype=z.dtype)
         steps = self.noise_scheduler.config.num_train_timesteps
-        lo, hi = (0, steps) if t_range is None else (round(t_range[0] * (steps - 1)), round(t_range[1] * (steps - 1)) + 1)
+        lo, hi = (0, steps) if t_range is None else (round(t_range[0] * (steps - 1)),
+                                                      round(t_range[1] * (steps - 1)) + 1)
         t = torch.randint(lo, hi, (B,), device=z.device)
         z_t = self.noise_scheduler.add_noise(z, noise, t)
         # target by prediction type, MSE (Min-SNR-γ weighted when set)

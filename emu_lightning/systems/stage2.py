@@ -133,7 +133,8 @@ class Stage2System(MultimodalEval, EmuSystem):
         if decoder_weight <= 0:
             raise ValueError(f"decoder_weight={decoder_weight}; expected a positive weight")
         self.decoder_weight = decoder_weight
-        if decoder_t_range is not None and not (len(decoder_t_range) == 2 and 0 <= decoder_t_range[0] <= decoder_t_range[1] <= 1):
+        if decoder_t_range is not None and not (len(decoder_t_range) == 2
+                                                and 0 <= decoder_t_range[0] <= decoder_t_range[1] <= 1):
             raise ValueError(f"decoder_t_range={decoder_t_range}; expected [lo, hi] with 0 <= lo <= hi <= 1")
         self.decoder_t_range = tuple(decoder_t_range) if decoder_t_range is not None else None
         self._decoder_loss: list = []             # [frozen decoder]: in a list, so it never becomes a submodule
