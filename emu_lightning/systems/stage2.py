@@ -123,13 +123,10 @@ class Stage2System(MultimodalEval, EmuSystem):
             raise ValueError(f"judged text-to-image evaluation needs both eval_decoder and eval_judge; got "
                              f"eval_decoder={eval_decoder!r}, eval_judge={eval_judge!r}")
         if eval_decoder:   # loaded now: a decoder that does not fit stops the run before any data is read
-            from emu_lightning.inference.infer import load_decoder
             from emu_lightning.metrics.semantic import load_scene_classifier
-            from emu_lightning.systems.decoder import check_pairing
 
-            decoder = load_decoder(eval_decoder).eval().requires_grad_(False)
-            check_pairing(self, decoder.unet, decoder.condition_kind, f"this model ({type(regression_head).__name__})")
-            self._eval_generation = [decoder, load_scene_classifier(eval_judge).eval().requires_grad_(False)]
+            self._eval_generation = [self._frozen_decoder(eval_decoder),
+                                     load_scene_classifier(eval_judge).eval().requires_grad_(False)]
         if decoder_weight <= 0:
             raise ValueError(f"decoder_weight={decoder_weight}; expected a positive weight")
         self.decoder_weight = decoder_weight
@@ -139,15 +136,23 @@ class Stage2System(MultimodalEval, EmuSystem):
         self.decoder_t_range = tuple(decoder_t_range) if decoder_t_range is not None else None
         self._decoder_loss: list = []             # [frozen decoder]: in a list, so it never becomes a submodule
         if decoder_loss:   # loaded now: a decoder that does not fit stops the run before any data is read
-            from emu_lightning.inference.infer import load_decoder
-            from emu_lightning.systems.decoder import DecoderSystem, check_pairing
+            from emu_lightning.systems.decoder import DecoderSystem
 
-            decoder = load_decoder(decoder_loss).eval().requires_grad_(False)
+            decoder = self._frozen_decoder(decoder_loss)
             if not isinstance(decoder, DecoderSystem):
                 raise ValueError(f"decoder_loss={decoder_loss!r} is a decoder export; the loss needs a decoder run "
                                  f"(directory or .ckpt), which holds the training noise schedule and weighting")
-            check_pairing(self, decoder.unet, decoder.condition_kind, f"this model ({type(regression_head).__name__})")
             self._decoder_loss = [decoder]
+
+    def _frozen_decoder(self, path: str) -> Any:
+        """A decoder run or export, frozen in eval mode, refused (naming both sides) unless it is conditioned on
+        this model's target space, width and token count."""
+        from emu_lightning.inference.infer import load_decoder
+        from emu_lightning.systems.decoder import check_pairing
+
+        decoder = load_decoder(path).eval().requires_grad_(False)
+        check_pairing(self, decoder.unet, decoder.condition_kind, f"this model ({type(self.regression_head).__name__})")
+        return decoder
 
     def feedback(self, pred: Tensor) -> Tensor:
         """A regressed embedding → the next input embedding (Emu1: itself; Emu2: project_up(project_down(h)))."""
