@@ -29,10 +29,18 @@ def flatten_config(node: Any, prefix: str = "") -> dict[str, bool | int | float 
 class ConfigToTensorBoard(SaveConfigCallback):
     """`SaveConfigCallback` (rank zero, once per run) that also logs the resolved config to TensorBoard."""
 
+    _log_dir: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # `trainer.log_dir` broadcasts rank 0's directory: read it here, on every rank, never in `save_config`
+        # (rank 0 only), where the lone broadcast paired with the other ranks' next collective and hung the run.
+        self._log_dir = trainer.log_dir
+        super().setup(trainer, pl_module, stage)
+
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # The config exactly as saved to disk: the file `setup` just wrote, read back (a second dump of the whole
         # config would cost about a second of jsonargparse per run), or dumped when the file was not written.
-        saved = Path(trainer.log_dir or "", self.config_filename)
+        saved = Path(self._log_dir or "", self.config_filename)
         if self.save_to_log_dir and not self.multifile and saved.is_file():
             text = saved.read_text()
         else:

@@ -153,7 +153,8 @@ class EmuCLI(LightningCLI):
             raise ValueError("--empty_init true builds the parts on the meta device for model.init_args.init_from "
                              "to fill, but init_from is not set: give the weights, or leave empty_init false")
         print(f"--empty_init: parameters built on the meta device; init_from={init_from} is assigned (memory-mapped "
-              "when safetensors) at setup, and what it does not hold is initialised then", flush=True)
+              "when safetensors) at setup (under FSDP2 on several processes: after the sharding, each rank its own "
+              "slices), and what it does not hold is initialised then", flush=True)
         return True
 
     def instantiate_classes(self) -> None:

@@ -5,6 +5,11 @@ the keys under a source prefix (`{"encoder": "encoder", "adapter": "adapter", "l
 stage 2 name their parts alike), loads them strictly, and checks afterwards that every loaded tensor equals
 its source. Parts the mapping does not name keep their fresh initialisation and are listed as such.
 
+A part built on the meta device takes the file's tensors themselves (`assign`); a part built on meta and already
+FSDP2-sharded (`main.py --empty_init true` under `EmuModelParallelStrategy` on several processes, loaded from
+`configure_model` after the sharding) takes on each rank only the rank's slice of each tensor, as the local shard of
+its `DTensor` (`local_shard`): of memory-mapped safetensors shards, only those pages are read.
+
 A checkpoint that does not fit is named for what it is (`CheckpointInfo`, also read by the CLI's `--ckpt_path`
 check): `s1.ckpt is a checkpoint of Stage1System with parts ['adapter', 'encoder', 'llm']; this recipe (ChatSystem)
 needs ['adapter', 'encoder', 'llm', 'regression_head']`, then the part and keys that differ.
@@ -157,10 +162,14 @@ def load_parts(parts: dict[str, nn.Module], path: str, mapping: dict[str, str],
         # A part built on the meta device (`shards.empty_init`) takes the checkpoint's tensors themselves: nothing
         # is copied, and memory-mapped shards stay file-backed, unless the part was built in another dtype (then
         # one cast, as a copy into an ordinary build). Its fresh LoRA factors (from `lora_names`, not from the file)
-        # stay on meta here; `shards.materialize` initialises them (`PartsSystem.setup`).
+        # stay on meta here; `shards.materialize` initialises them (`PartsSystem.setup`, or `configure_model` when
+        # sharded). A part already FSDP2-sharded on meta (its parameters are `DTensor`s) takes on each rank only
+        # the rank's slice of each tensor (`local_shard`): only those pages of the file are read, and cast.
         empty = bool(meta_tensors(parts[target]))
+        source = sub
         if empty:
-            sub = {k: v.to(own[k].dtype) if v.is_floating_point() and v.dtype != own[k].dtype else v
+            sub = {k: local_shard(v, own[k]) if _sharded(own[k]) and not v.is_meta
+                   else v.to(own[k].dtype) if v.is_floating_point() and v.dtype != own[k].dtype else v
                    for k, v in sub.items()}
         parts[target].load_state_dict(sub, strict=True, assign=empty)
         after = parts[target].state_dict()
@@ -168,7 +177,45 @@ def load_parts(parts: dict[str, nn.Module], path: str, mapping: dict[str, str],
             raise ValueError(f"part {target!r}: {still[:3]} ({len(still)}) are on the meta device after assigning "
                              f"{path}'s tensors: load outside `empty_init()`, which moves every parameter set "
                              "inside it to meta")
-        assert all(torch.equal(after[k].cpu(), sub[k].to(after[k].dtype)) for k in sub if not sub[k].is_meta), \
-            f"{target} did not load"
+        assert all(_loaded(after[k], sub[k], source[k]) for k in sub if not sub[k].is_meta), f"{target} did not load"
         report.loaded[target] = len(sub)
     return report
+
+
+def _sharded(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def shard_slices(shape: torch.Size | tuple[int, ...], like: Any) -> tuple[slice, ...]:
+    """The index of this rank's block of a tensor of global `shape` laid out as the `DTensor` `like` (its mesh and
+    placements; FSDP2: `Shard(0)` over the data-parallel mesh): torch's own split
+    (`compute_local_shape_and_global_offset`, which torch's distributed checkpoint uses for the same purpose)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    size, offset = compute_local_shape_and_global_offset(shape, like.device_mesh, like.placements)
+    return tuple(slice(o, o + n) for n, o in zip(size, offset))
+
+
+def local_shard(full: Tensor, like: Any) -> Any:
+    """This rank's part of `full` as a `DTensor` laid out as `like` (a sharded parameter, possibly on meta): the
+    view `full[offset : offset + local]` is all that is read (a memory-mapped tensor: only those pages), cast to
+    `like`'s dtype and put on the mesh's device; the same dtype on CPU stays a view of `full` (nothing copied).
+    As torch's `set_model_state_dict(..., full_state_dict=True)` builds a meta local's shard (`DTensor.from_local`
+    of the slice), but without a collective: every rank has the file."""
+    from torch.distributed.tensor import DTensor
+
+    local = full[shard_slices(full.shape, like)]
+    local = local.to(device=torch.device(like.device_mesh.device_type),
+                     dtype=like.dtype if local.is_floating_point() else local.dtype)
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride())
+
+
+def _loaded(after: Tensor, given: Tensor, source: Tensor) -> bool:
+    """Whether the part's tensor `after` holds what was given to `load_state_dict` (in `after`'s dtype); for a
+    sharded `after`, its local shard against the same slice of the file's `source` (no gather, no read outside it)."""
+    if _sharded(after):
+        return torch.equal(after.to_local().cpu(), source[shard_slices(source.shape, after)].to(after.dtype))
+    return torch.equal(after.cpu(), given.to(after.dtype))

@@ -13,7 +13,9 @@ loaded checkpoint beside them: about twice the model. Instead:
 - `materialize` then gives what the checkpoint did not hold (a fresh regression head, fresh LoRA factors) real
   memory and its own initialisation, as Lightning's `ModelParallelStrategy` and torchtitan do for meta-device init:
   `to_empty` + the module's `reset_parameters()` (peft's `reset_lora_parameters` for LoRA factors: A Kaiming, B = 0),
-  and names every tensor that has neither.
+  and names every tensor that has neither. Under FSDP2 on several processes the hand-off and `materialize` run after
+  the sharding (`PartsSystem.configure_model`): each rank assigns only its slice of each mapped tensor
+  (`handoff.local_shard`) and initialises the fresh parts on its shards (docs/scale.md, "Full-size loading").
 
 `main.py … --empty_init true` builds the recipe's model this way (`EmuCLI`, docs/converting.md "Full-size weights").
 """

@@ -95,12 +95,29 @@ class PartsSystem(L.LightningModule):
             dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(str(self.trainer.precision))
             if dtype is not None:
                 self.to(dtype)
+        if self._shards_before_handoff():
+            return   # sharded first, then each rank loads its own slices: `configure_model`
+        self._handoff()
+
+    def _shards_before_handoff(self) -> bool:
+        """Whether the hand-off waits for the sharding: a model built empty (`main.py --empty_init true`) under
+        `EmuModelParallelStrategy` (FSDP2) on more than one process. `configure_model` then shards the meta model
+        and each rank assigns only its slice of each tensor (`handoff.local_shard`). One process, FSDP1 and every
+        other strategy load the full tensors in `setup`."""
+        from emu_lightning.systems.sharding import EmuModelParallelStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return (isinstance(strategy, EmuModelParallelStrategy) and strategy.world_size > 1
+                and self.handoff_report is None and bool(meta_tensors(self)))
+
+    def _handoff(self, device: str | torch.device = "cpu") -> None:
+        """Load `init_from` into the parts (once), then initialise on `device` what it did not hold."""
         if self.init_from and self.handoff_report is None:
             self.handoff_report = load_parts(self.parts, self.init_from, self.handoff, type(self).__name__,
                                              self.handoff_optional)
             rank_zero_info(str(self.handoff_report))
         if meta_tensors(self):   # built empty (`main.py --empty_init true`): initialise what init_from did not hold
-            for part, modules in materialize(self.parts).items():
+            for part, modules in materialize(self.parts, device).items():
                 rank_zero_info(f"  {part:<16} initialised after the empty build: {', '.join(modules[:4])}"
                                + (f" and {len(modules) - 4} more" if len(modules) > 4 else ""))
             if left := meta_tensors(self):
@@ -111,7 +128,10 @@ class PartsSystem(L.LightningModule):
         # Sharding sits beside the model (sharding.py): FSDP2 under EmuModelParallelStrategy, else nothing.
         from emu_lightning.systems.sharding import configure_sharding
 
+        deferred = self._shards_before_handoff()
         configure_sharding(self)
+        if deferred:   # the meta model is sharded: each rank reads and initialises its own shards only
+            self._handoff(self.trainer.strategy.root_device)
 
     def train(self, mode: bool = True) -> PartsSystem:
         # Frozen parts stay in eval mode (no dropout, fixed norms) even while the system trains.

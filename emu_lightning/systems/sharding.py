@@ -13,7 +13,9 @@ recompute their blocks. Two Lightning strategies read that:
   the whole system (`EmuSystem.configure_model` calls `configure_sharding`). Works on CPU with gloo, which is
   how the 2-process tests run. Each step is routed through the system's `forward` so the root unit gathers the
   parameters that sit outside any block (embeddings, `lm_head`, norms, the regression head, learned queries)
-  for the whole step, as FSDP1's root does.
+  for the whole step, as FSDP1's root does. A model built empty (`--empty_init true`) on several processes is
+  sharded on the meta device, and the stage hand-off then gives each rank only its slice of the weights
+  (`PartsSystem.configure_model`).
 
 Under any other strategy `configure_sharding` does nothing.
 """
